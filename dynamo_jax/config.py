@@ -1,0 +1,311 @@
+"""The configuration schema: every default in one place, and `validate(config)`.
+
+`get_default_config()` returns an `ml_collections.ConfigDict` holding every field of SPEC sections
+1-5 with its default. Experiment files in `configs/` start from it and override fields;
+`validate(config)` is called before anything heavy starts and rejects unknown keys (with a
+did-you-mean), wrong types and impossible combinations, naming the fields and values.
+
+Field names follow the SPEC wording (`rollouts_per_prompt`, `allocation.n_low`, ...).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+# SPEC 2.3: the official "decay6" mode is the default; "decay5" is the alternative preset.
+MODULATION_PRESETS: dict[str, dict[str, float]] = {
+    "decay6": {"alpha": 0.2, "lambda_min": 0.6, "gamma": 50.0, "tau": 0.99},
+    "decay5": {"alpha": 0.4, "lambda_min": 0.6, "gamma": 50.0, "tau": 0.9},
+}
+
+# Fields whose value must be one of a fixed set.
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "allocation.mode": ("variance", "official", "uniform"),
+    "allocation.refresh": ("step", "epoch"),
+    "advantage.estimator": ("grpo", "dr_grpo", "rloo"),
+    "modulation.expectation": ("sequence", "vocab"),
+    "modulation.scope": ("micro_batch", "mini_batch"),
+    "loss.kl_estimator": ("k1", "k2", "k3"),
+    "loss.loss_agg": (
+        "token_mean",
+        "seq_mean_token_sum",
+        "seq_mean_token_mean",
+        "seq_mean_token_sum_norm",
+    ),
+}
+
+
+def get_default_config() -> ml_collections.ConfigDict:
+    """The defaults of SPEC sections 1-5 (the official 7B run)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # SPEC 5: N prompts per step, B = N * rollouts_per_prompt rollouts per step.
+    c.prompts_per_step = 512
+    c.rollouts_per_prompt = 16
+
+    # SPEC 1: per-prompt history and variance-minimising allocation.
+    c.allocation = ml_collections.ConfigDict()
+    c.allocation.mode = "variance"
+    c.allocation.refresh = "step"
+    c.allocation.n_low = 8
+    c.allocation.n_high = 24
+    c.allocation.stats_decay = 1.0
+    c.allocation.min_history = 4
+    c.allocation.weight_exponent = 1.0
+    # None means (1/4) ** weight_exponent: the weight of a prompt solved half the time.
+    c.allocation.unexplored_weight = placeholder(float)
+    c.allocation.min_weight = 0.0
+
+    # SPEC 3: rewards and group advantages.
+    c.advantage = ml_collections.ConfigDict()
+    c.advantage.estimator = "grpo"
+    c.advantage.correct_reward = 1.0
+    c.advantage.incorrect_reward = -1.0
+    c.advantage.eps = 1e-6
+
+    # SPEC 2: token-level advantage modulation.
+    c.modulation = ml_collections.ConfigDict()
+    c.modulation.comp = True
+    c.modulation.stab = True
+    c.modulation.alpha = MODULATION_PRESETS["decay6"]["alpha"]
+    c.modulation.lambda_min = MODULATION_PRESETS["decay6"]["lambda_min"]
+    c.modulation.gamma = MODULATION_PRESETS["decay6"]["gamma"]
+    c.modulation.tau = MODULATION_PRESETS["decay6"]["tau"]
+    c.modulation.expectation = "sequence"
+    c.modulation.scope = "micro_batch"
+
+    # SPEC 4: policy loss.
+    c.loss = ml_collections.ConfigDict()
+    c.loss.eps_low = 0.2
+    c.loss.eps_high = 0.28
+    c.loss.dual_clip = 10.0
+    c.loss.kl_coef = 0.0
+    c.loss.kl_estimator = "k3"
+    c.loss.entropy_coef = 0.0
+    c.loss.loss_agg = "token_mean"
+    # Tokens per chunk along the length axis when computing log-probs and entropy from hidden
+    # states: bounds the [rows, chunk, vocab] float32 logits that exist at once.
+    c.loss.logits_chunk_size = 128
+
+    # SPEC 5 step 3: sampling.
+    c.sampling = ml_collections.ConfigDict()
+    c.sampling.temperature = 1.0
+    c.sampling.top_p = 1.0
+    c.sampling.top_k = 0  # 0 = off
+    c.sampling.max_new_tokens = 3072
+
+    # SPEC 5 step 7: optimiser updates.
+    c.train = ml_collections.ConfigDict()
+    c.train.num_minibatches = 16
+    c.train.micro_batch_rows = 64
+    c.train.num_steps = 500
+    c.train.shuffle_rows = True
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 1e-6
+    c.optim.warmup_steps = 10
+    c.optim.weight_decay = 0.1
+    c.optim.grad_clip_norm = 1.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+
+    # SPEC 5 step 9.
+    c.log_every = 1
+    c.checkpoint_every = 50
+    c.keep_checkpoints = 3
+    return c
+
+
+def apply_modulation_preset(config: ml_collections.ConfigDict, name: str) -> None:
+    """Set alpha / lambda_min / gamma / tau from a named preset ("decay6", "decay5")."""
+    if name not in MODULATION_PRESETS:
+        raise ValueError(
+            f"Unknown modulation preset {name!r}; choose one of {sorted(MODULATION_PRESETS)}."
+        )
+    for key, value in MODULATION_PRESETS[name].items():
+        config.modulation[key] = value
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the fields and values involved."""
+
+
+def _as_dict(cfg: Any) -> Any:
+    if isinstance(cfg, ml_collections.ConfigDict | ml_collections.FrozenConfigDict):
+        return cfg.to_dict()
+    return cfg
+
+
+def _check_schema(value: Any, default: Any, path: str, errors: list[str]) -> None:
+    """Recursive structural check of `value` against the default schema."""
+    if isinstance(default, Mapping):
+        if not isinstance(value, Mapping):
+            errors.append(f"{path or 'config'}: expected a section (dict), got {value!r}")
+            return
+        for key in value:
+            sub = f"{path}.{key}" if path else str(key)
+            if key not in default:
+                close = difflib.get_close_matches(str(key), [str(k) for k in default], n=1)
+                prefix = f"{path}." if path else ""
+                hint = f" Did you mean {prefix + close[0]!r}?"
+                errors.append(
+                    f"Unknown config field {sub!r}."
+                    + (hint if close else "")
+                    + f" Known fields here: {sorted(default)}."
+                )
+                continue
+            _check_schema(value[key], default[key], sub, errors)
+        return
+    if default is None:  # placeholder fields: None or a number
+        if value is not None and not _is_number(value):
+            errors.append(f"{path}: expected a number or None, got {value!r}")
+        return
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            errors.append(f"{path}: expected true/false, got {value!r} ({type(value).__name__})")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{path}: expected an integer, got {value!r} ({type(value).__name__})")
+    elif isinstance(default, float):
+        if not _is_number(value):
+            errors.append(f"{path}: expected a number, got {value!r} ({type(value).__name__})")
+        elif not math.isfinite(float(value)):
+            errors.append(f"{path}: must be finite, got {value!r}")
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            errors.append(f"{path}: expected a string, got {value!r} ({type(value).__name__})")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def validate(config: Any, schema: Any = None) -> None:
+    """Raise `ConfigError` listing every problem in `config`, or return None.
+
+    Checks: no unknown keys (anywhere), types match the defaults, enumerated fields hold a
+    permitted value, numeric ranges, and cross-field feasibility such as
+    N * n_low <= B <= N * n_high (SPEC 1.3).
+    """
+    cfg = _as_dict(config)
+    default = _as_dict(schema if schema is not None else get_default_config())
+    errors: list[str] = []
+    _check_schema(cfg, default, "", errors)
+    if errors:  # range checks below assume the structure is right
+        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
+
+    def get(path: str) -> Any:
+        node = cfg
+        for part in path.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                return _lookup(default, path)
+            node = node[part]
+        return node
+
+    for path, allowed in CHOICES.items():
+        if get(path) not in allowed:
+            errors.append(f"{path} = {get(path)!r}; choose one of {list(allowed)}.")
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            errors.append(msg)
+
+    n_prompts, n = get("prompts_per_step"), get("rollouts_per_prompt")
+    n_low, n_high = get("allocation.n_low"), get("allocation.n_high")
+    need(n_prompts >= 1, f"prompts_per_step = {n_prompts} must be >= 1.")
+    need(n >= 1, f"rollouts_per_prompt = {n} must be >= 1.")
+    need(n_low >= 1, f"allocation.n_low = {n_low} must be >= 1.")
+    need(
+        n_low <= n_high,
+        f"allocation.n_low = {n_low} is larger than allocation.n_high = {n_high}.",
+    )
+    budget = n_prompts * n
+    if get("allocation.mode") != "uniform":
+        need(
+            n_prompts * n_low <= budget <= n_prompts * n_high,
+            "The rollout budget B = prompts_per_step * rollouts_per_prompt = "
+            f"{n_prompts} * {n} = {budget} must lie in [prompts_per_step * allocation.n_low, "
+            f"prompts_per_step * allocation.n_high] = [{n_prompts * n_low}, "
+            f"{n_prompts * n_high}]: set allocation.n_low <= {n} <= allocation.n_high.",
+        )
+    decay = get("allocation.stats_decay")
+    need(0.0 < decay <= 1.0, f"allocation.stats_decay = {decay} must be in (0, 1].")
+    need(
+        get("allocation.min_history") >= 2,
+        f"allocation.min_history = {get('allocation.min_history')} must be >= 2 "
+        "(the variance needs two outcomes).",
+    )
+    need(get("allocation.weight_exponent") > 0, "allocation.weight_exponent must be > 0.")
+    need(get("allocation.min_weight") >= 0, "allocation.min_weight must be >= 0.")
+    uw = get("allocation.unexplored_weight")
+    need(uw is None or uw >= 0, f"allocation.unexplored_weight = {uw} must be >= 0 or None.")
+
+    need(get("advantage.eps") > 0, "advantage.eps must be > 0.")
+    need(
+        get("advantage.correct_reward") != get("advantage.incorrect_reward"),
+        "advantage.correct_reward equals advantage.incorrect_reward: every advantage is 0.",
+    )
+
+    need(get("modulation.alpha") >= 0, f"modulation.alpha = {get('modulation.alpha')} < 0.")
+    lmin = get("modulation.lambda_min")
+    need(0.0 <= lmin <= 1.0, f"modulation.lambda_min = {lmin} must be in [0, 1].")
+    need(get("modulation.gamma") > 0, "modulation.gamma must be > 0.")
+
+    eps_low, eps_high = get("loss.eps_low"), get("loss.eps_high")
+    need(0.0 <= eps_low < 1.0, f"loss.eps_low = {eps_low} must be in [0, 1).")
+    need(eps_high >= 0.0, f"loss.eps_high = {eps_high} must be >= 0.")
+    need(
+        get("loss.dual_clip") > 1.0,
+        f"loss.dual_clip = {get('loss.dual_clip')} must be > 1 (dual clip c; 10 by default).",
+    )
+    need(get("loss.kl_coef") >= 0, "loss.kl_coef must be >= 0.")
+    need(get("loss.logits_chunk_size") >= 1, "loss.logits_chunk_size must be >= 1.")
+
+    need(get("sampling.temperature") > 0, "sampling.temperature must be > 0.")
+    top_p = get("sampling.top_p")
+    need(0.0 < top_p <= 1.0, f"sampling.top_p = {top_p} must be in (0, 1].")
+    need(get("sampling.top_k") >= 0, "sampling.top_k must be >= 0 (0 = off).")
+    need(get("sampling.max_new_tokens") >= 1, "sampling.max_new_tokens must be >= 1.")
+
+    mb = get("train.num_minibatches")
+    need(mb >= 1, f"train.num_minibatches = {mb} must be >= 1.")
+    if mb >= 1:
+        need(
+            budget % mb == 0,
+            f"The rollout budget B = {budget} rows (prompts_per_step * rollouts_per_prompt) "
+            f"must split into train.num_minibatches = {mb} equal optimiser updates.",
+        )
+        rows_per_update = budget // mb
+        mbr = get("train.micro_batch_rows")
+        need(mbr >= 1, f"train.micro_batch_rows = {mbr} must be >= 1.")
+        if mbr >= 1 and rows_per_update >= 1:
+            need(
+                rows_per_update % mbr == 0,
+                f"Each optimiser update holds B / train.num_minibatches = {budget} / {mb} = "
+                f"{rows_per_update} rows, which train.micro_batch_rows = {mbr} must divide.",
+            )
+    need(get("train.num_steps") >= 0, "train.num_steps must be >= 0.")
+    need(get("optim.learning_rate") >= 0, "optim.learning_rate must be >= 0.")
+    need(get("optim.warmup_steps") >= 0, "optim.warmup_steps must be >= 0.")
+    need(get("optim.grad_clip_norm") > 0, "optim.grad_clip_norm must be > 0.")
+    need(get("checkpoint_every") >= 1, "checkpoint_every must be >= 1.")
+    need(get("keep_checkpoints") >= 1, "keep_checkpoints must be >= 1.")
+    need(get("log_every") >= 1, "log_every must be >= 1.")
+
+    if errors:
+        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def _lookup(tree: Mapping, path: str) -> Any:
+    node: Any = tree
+    for part in path.split("."):
+        node = node[part]
+    return node

@@ -1,0 +1,272 @@
+"""Token log-probs and entropy (chunked), and the policy loss (SPEC section 4).  [jit]
+
+`token_logprobs_and_entropy` turns hidden states and the LM-head matrix into per-token log-probs
+of the sampled tokens and full-vocabulary entropies at a temperature, a chunk of positions at a
+time: the float32 `[rows, chunk, vocab]` logits of one chunk are the largest array that exists,
+forward and backward (each chunk is rematerialised in the backward pass).
+
+`policy_loss` returns `(loss_sum, count, aux_sums)` rather than a mean, so that summing the pairs
+of several micro-batches and dividing once gives exactly the full-batch value for every
+aggregation mode ("never an average of averages").
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dynamo_jax.modulation import importance_ratio
+
+LOSS_AGGREGATIONS = (
+    "token_mean",
+    "seq_mean_token_sum",
+    "seq_mean_token_mean",
+    "seq_mean_token_sum_norm",
+)
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+class TokenStats(NamedTuple):
+    """Per-token quantities, each [rows, T] float32."""
+
+    logp: jax.Array  # log pi(y_t), differentiable
+    entropy: jax.Array  # full-vocabulary entropy, differentiable
+    expected_pi_lambda: jax.Array | None  # sum_a pi_a^2 (log pi_a + H) (no gradient) or None
+
+
+def _chunk_stats(
+    logits: jax.Array, targets: jax.Array, temperature: float, with_vocab_expectation: bool
+) -> tuple[jax.Array, ...]:
+    """logits [..., V] (any dtype) -> float32 (logp of targets, entropy[, E_vocab])."""
+    z = logits.astype(jnp.float32) / temperature
+    logz = jax.nn.logsumexp(z, axis=-1, keepdims=True)
+    logp_all = z - logz
+    p = jnp.exp(logp_all)
+    entropy = -jnp.sum(p * logp_all, axis=-1)
+    logp = jnp.take_along_axis(logp_all, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    if not with_vocab_expectation:
+        return logp, entropy
+    lp, pp = jax.lax.stop_gradient(logp_all), jax.lax.stop_gradient(p)
+    h = jax.lax.stop_gradient(entropy)[..., None]
+    return logp, entropy, jnp.sum(pp * pp * (lp + h), axis=-1)
+
+
+def _chunked(
+    make_logits,
+    xs: jax.Array,
+    targets: jax.Array,
+    temperature: float,
+    chunk_size: int,
+    with_vocab_expectation: bool,
+) -> TokenStats:
+    """Scan over chunks of the length axis of xs [rows, T, ...]; make_logits maps a chunk of xs
+    [rows, C, ...] to logits [rows, C, V]."""
+    rows, length = targets.shape
+    chunk = max(1, min(chunk_size, length))
+    n_chunks = -(-length // chunk)
+    pad = n_chunks * chunk - length
+    if pad:
+        xs = jnp.pad(xs, [(0, 0), (0, pad)] + [(0, 0)] * (xs.ndim - 2))
+        targets = jnp.pad(targets, [(0, 0), (0, pad)])
+    # [n_chunks, rows, C, ...]: the row axis (the sharded one) stays in place within a chunk.
+    xs_c = jnp.moveaxis(xs.reshape(rows, n_chunks, chunk, *xs.shape[2:]), 1, 0)
+    t_c = jnp.moveaxis(targets.reshape(rows, n_chunks, chunk), 1, 0)
+
+    @jax.checkpoint
+    def body(x, t):
+        return _chunk_stats(make_logits(x), t, temperature, with_vocab_expectation)
+
+    outs = jax.lax.map(lambda args: body(*args), (xs_c, t_c))
+    outs = [jnp.moveaxis(o, 0, 1).reshape(rows, n_chunks * chunk)[:, :length] for o in outs]
+    return TokenStats(outs[0], outs[1], outs[2] if with_vocab_expectation else None)
+
+
+def token_logprobs_and_entropy(
+    hidden: jax.Array,
+    lm_head: jax.Array,
+    targets: jax.Array,
+    temperature: float = 1.0,
+    chunk_size: int = 128,
+    with_vocab_expectation: bool = False,
+) -> TokenStats:
+    """Per-token log-prob of `targets` and full-vocabulary entropy, from hidden states.
+
+    logits = hidden @ lm_head / temperature, computed chunk by chunk along the length axis in
+    float32 (whatever the compute dtype of hidden), so at most `[rows, chunk_size, vocab]` float32
+    logits exist at once, forward and backward.
+
+    Args:
+      hidden: [rows, T, D] final hidden states (after the final norm) at the positions that
+        *predict* targets (position t predicts targets[:, t]).
+      lm_head: [D, V] output projection (the transposed embedding for tied models).
+      targets: [rows, T] int token ids.
+      temperature: the sampling temperature T (SPEC 2: entropy at T).
+      chunk_size: positions per chunk.
+      with_vocab_expectation: also return sum_a pi_a^2 (log pi_a + H) (SPEC 2.2, `vocab`).
+
+    Returns:
+      TokenStats(logp [rows, T], entropy [rows, T], expected_pi_lambda [rows, T] or None), float32;
+      logp and entropy are differentiable w.r.t. hidden and lm_head.
+    """
+
+    def make_logits(h):
+        return jnp.einsum(
+            "rcd,dv->rcv", h, lm_head.astype(h.dtype), preferred_element_type=jnp.float32
+        )
+
+    return _chunked(make_logits, hidden, targets, temperature, chunk_size, with_vocab_expectation)
+
+
+def logprobs_and_entropy_from_logits(
+    logits: jax.Array,
+    targets: jax.Array,
+    temperature: float = 1.0,
+    chunk_size: int = 128,
+    with_vocab_expectation: bool = False,
+) -> TokenStats:
+    """As `token_logprobs_and_entropy`, for a model that already gives logits [rows, T, V].
+
+    The float32 upcast and softmax are still done chunk by chunk, so bf16 logits are never copied
+    whole into float32.
+    """
+    return _chunked(lambda x: x, logits, targets, temperature, chunk_size, with_vocab_expectation)
+
+
+def kl_penalty(logp: jax.Array, ref_logp: jax.Array, estimator: str = "k3") -> jax.Array:
+    """Per-token KL(pi || pi_ref) estimate from sampled-token log-probs (Schulman's k1/k2/k3)."""
+    log_ratio = jnp.asarray(logp, jnp.float32) - jnp.asarray(ref_logp, jnp.float32)
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        neg = jnp.clip(-log_ratio, -_KL_CLIP, _KL_CLIP)
+        return jnp.exp(neg) - neg - 1.0
+    raise ValueError(f"loss.kl_estimator {estimator!r}; choose one of {KL_ESTIMATORS}.")
+
+
+_KL_CLIP = 20.0
+
+
+def clipped_token_loss(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    advantages: jax.Array,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    dual_clip: float = 10.0,
+) -> tuple[jax.Array, jax.Array]:
+    """Per-token PPO loss with asymmetric and dual clip (SPEC 4), and the ratio.
+
+    l = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high));  where A < 0: l = min(l, -A c)
+    """
+    ratio = importance_ratio(logp, old_logp)
+    a = jax.lax.stop_gradient(jnp.asarray(advantages, jnp.float32))
+    a = jnp.broadcast_to(a[..., None] if a.ndim == ratio.ndim - 1 else a, ratio.shape)
+    l1 = -a * ratio
+    l2 = -a * jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    loss = jnp.maximum(l1, l2)
+    loss = jnp.where(a < 0, jnp.minimum(loss, -a * dual_clip), loss)
+    return loss, ratio
+
+
+@functools.partial(jax.jit, static_argnames=("loss_agg", "kl_estimator", "max_response_length"))
+def policy_loss(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    dual_clip: float = 10.0,
+    loss_agg: str = "token_mean",
+    max_response_length: int | None = None,
+    ref_logp: jax.Array | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy: jax.Array | None = None,
+    entropy_coef: float = 0.0,
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """The policy loss of one (micro-)batch as an exact (sum, count) pair (SPEC 4).
+
+    Per token: the clipped loss of `clipped_token_loss`, plus kl_coef * KL(pi || pi_ref) when
+    `ref_logp` is given, minus entropy_coef * H when `entropy` is given. Aggregation:
+
+    - `token_mean`: sum over valid tokens / number of valid tokens;
+    - `seq_mean_token_sum`: mean over rows of the row's token sum;
+    - `seq_mean_token_mean`: mean over rows of the row's token mean;
+    - `seq_mean_token_sum_norm` (Dr.GRPO): mean over rows of token sum / max_response_length.
+    Rows without valid tokens count in no mode.
+
+    Args:
+      logp: [rows, T] current log-probs of the sampled tokens (the gradient flows through it).
+      old_logp: [rows, T] behaviour-policy log-probs. advantages: [rows] or [rows, T] (final,
+        e.g. modulated) advantages, no gradient. mask: [rows, T] response mask.
+      max_response_length: the constant divisor of `seq_mean_token_sum_norm` (default T).
+      ref_logp, entropy: optional [rows, T] for the KL penalty / entropy bonus.
+
+    Returns:
+      loss_sum, count: float32 scalars; the loss of the union of micro-batches is
+        sum(loss_sum) / sum(count), and this pair's loss is loss_sum / max(count, 1).
+      aux: float32 *token sums* over valid tokens: `tokens`, `clip_low` (A<0, r<1-eps_low),
+        `clip_high` (A>0, r>1+eps_high), `dual_clip`, `ratio`, `approx_kl` (k3 of old vs
+        current), `kl` and `entropy` when used. Divide by aux["tokens"] summed likewise.
+    """
+    if loss_agg not in LOSS_AGGREGATIONS:
+        raise ValueError(f"loss.loss_agg {loss_agg!r}; choose one of {LOSS_AGGREGATIONS}.")
+    m = jnp.asarray(mask, jnp.float32)
+    token_loss, ratio = clipped_token_loss(logp, old_logp, advantages, eps_low, eps_high, dual_clip)
+    a = jnp.broadcast_to(
+        jnp.asarray(advantages, jnp.float32)[..., None]
+        if jnp.ndim(advantages) == m.ndim - 1
+        else jnp.asarray(advantages, jnp.float32),
+        m.shape,
+    )
+    aux: dict[str, jax.Array] = {}
+    if ref_logp is not None:
+        kl = kl_penalty(logp, ref_logp, kl_estimator)
+        token_loss = token_loss + kl_coef * kl
+        aux["kl"] = jnp.sum(jax.lax.stop_gradient(kl) * m)
+    if entropy is not None:
+        token_loss = token_loss - entropy_coef * jnp.asarray(entropy, jnp.float32)
+        aux["entropy"] = jnp.sum(jax.lax.stop_gradient(entropy) * m)
+
+    token_loss = token_loss * m
+    row_tokens = jnp.sum(m, axis=-1)
+    row_valid = (row_tokens > 0).astype(jnp.float32)
+    if loss_agg == "token_mean":
+        loss_sum, count = jnp.sum(token_loss), jnp.sum(m)
+    elif loss_agg == "seq_mean_token_sum":
+        loss_sum, count = jnp.sum(token_loss), jnp.sum(row_valid)
+    elif loss_agg == "seq_mean_token_mean":
+        row_mean = jnp.sum(token_loss, axis=-1) / jnp.maximum(row_tokens, 1.0)
+        loss_sum, count = jnp.sum(row_mean * row_valid), jnp.sum(row_valid)
+    else:
+        norm = float(max_response_length or m.shape[-1])
+        loss_sum, count = jnp.sum(token_loss) / norm, jnp.sum(row_valid)
+
+    r = jax.lax.stop_gradient(ratio)
+    log_ratio = jax.lax.stop_gradient(
+        jnp.asarray(old_logp, jnp.float32) - jnp.asarray(logp, jnp.float32)
+    )
+    valid = m > 0
+    aux.update(
+        tokens=jnp.sum(m),
+        clip_low=jnp.sum(valid & (a < 0) & (r < 1.0 - eps_low)).astype(jnp.float32),
+        clip_high=jnp.sum(valid & (a > 0) & (r > 1.0 + eps_high)).astype(jnp.float32),
+        dual_clip=jnp.sum(valid & (a < 0) & (r > dual_clip)).astype(jnp.float32),
+        ratio=jnp.sum(r * m),
+        approx_kl=jnp.sum(
+            (jnp.exp(jnp.clip(log_ratio, -20, 20)) - jnp.clip(log_ratio, -20, 20) - 1.0) * m
+        ),
+    )
+    return loss_sum, count, aux
+
+
+def loss_value(loss_sum: jax.Array, count: jax.Array) -> jax.Array:
+    """The mean a (sum, count) pair stands for; 0 for an empty batch (never NaN)."""
+    return loss_sum / jnp.maximum(count, 1.0)

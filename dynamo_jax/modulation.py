@@ -1,0 +1,291 @@
+"""Gradient-aware advantage modulation (SPEC section 2).  [jit]
+
+Per token, DynaMO rescales the advantage by two factors, both computed in float32 under
+`stop_gradient`:
+
+- `beta_comp` (SPEC 2.1) boosts positive-advantage tokens the policy is already confident about
+  (low entropy), whose gradient the softmax attenuates;
+- `beta_stab` (SPEC 2.3) damps the tokens whose update would move the policy entropy most, using
+  the first-order entropy-change estimate of SPEC 2.2 (`entropy_change`).
+
+The *scope* (SPEC 2.4) over which H_max, H_min and max Xi are taken is the set of tokens passed
+in one call: call `modulate_advantages` on one micro-batch for scope `micro_batch`. Inside `jit`
+with rows sharded over devices those reductions are global, so the result does not depend on the
+device count. For scope `mini_batch`, compute `scope_statistics` over the whole optimiser update
+first (the parameters do not change within it) and pass them in as `scope`.
+
+Shapes: `[rows, T]` token arrays; `mask` is the response mask (1 on valid response tokens).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+EXPECTATIONS = ("sequence", "vocab")
+_LOG_RATIO_CLIP = 20.0  # SPEC 2: r = exp(clip(logp - old_logp, -20, 20))
+
+
+class ScopeStats(NamedTuple):
+    """Reductions over the normalisation scope (scalars, float32)."""
+
+    h_max: jax.Array  # max entropy over valid tokens
+    h_min: jax.Array  # min entropy over valid tokens
+    xi_max: jax.Array  # max |estimated entropy change| over valid tokens
+
+
+def _f32(x: jax.Array) -> jax.Array:
+    return jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
+
+
+def _broadcast_advantages(advantages: jax.Array, like: jax.Array) -> jax.Array:
+    a = _f32(advantages)
+    if a.ndim == like.ndim - 1:  # row advantages -> every token of the row
+        a = a[..., None]
+    return jnp.broadcast_to(a, like.shape)
+
+
+def importance_ratio(logp: jax.Array, old_logp: jax.Array) -> jax.Array:
+    """r = exp(clip(logp - old_logp, -20, 20)), float32."""
+    return jnp.exp(
+        jnp.clip(
+            jnp.asarray(logp, jnp.float32) - jnp.asarray(old_logp, jnp.float32),
+            -_LOG_RATIO_CLIP,
+            _LOG_RATIO_CLIP,
+        )
+    )
+
+
+def _masked_max(x: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.max(jnp.where(mask > 0, x, -jnp.inf), initial=-jnp.inf)
+
+
+def _masked_min(x: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.min(jnp.where(mask > 0, x, jnp.inf), initial=jnp.inf)
+
+
+def beta_comp(
+    advantages: jax.Array,
+    entropy: jax.Array,
+    mask: jax.Array,
+    alpha: float = 0.2,
+    h_max: jax.Array | None = None,
+    h_min: jax.Array | None = None,
+) -> jax.Array:
+    """Compensation factor (SPEC 2.1).
+
+    beta_comp = 1 + alpha * (H_max - H) / (H_max - H_min + 1e-8) where A > 0, 1 elsewhere,
+    with H_max / H_min the masked max / min of H over the scope (the inputs unless given).
+
+    Args:
+      advantages: [rows] or [rows, T]; entropy, mask: [rows, T].
+    Returns:
+      [rows, T] float32, 1 on padding.
+    """
+    h = _f32(entropy)
+    a = _broadcast_advantages(advantages, h)
+    m = _f32(mask)
+    h_max = _masked_max(h, m) if h_max is None else _f32(h_max)
+    h_min = _masked_min(h, m) if h_min is None else _f32(h_min)
+    # An all-masked scope leaves h_max = -inf: no valid token is modulated anyway.
+    span = jnp.where(jnp.isfinite(h_max - h_min), h_max - h_min, 0.0)
+    rel = jnp.where(m > 0, (h_max - h) / (span + 1e-8), 0.0)
+    return jnp.where((a > 0) & (m > 0), 1.0 + alpha * rel, 1.0)
+
+
+def vocab_expectation(logits: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """E_{a~pi}[pi_a Lambda_a] = sum_a pi_a^2 (log pi_a + H) at each position (SPEC 2.2 `vocab`).
+
+    Args:
+      logits: [..., vocab]. Returns [...] float32 (no gradient).
+    For a [rows, T, vocab] batch prefer `losses.token_logprobs_and_entropy(...,
+    with_vocab_expectation=True)`, which computes it in chunks.
+    """
+    z = _f32(logits) / temperature
+    logp = jax.nn.log_softmax(z, axis=-1)
+    p = jnp.exp(logp)
+    h = -jnp.sum(p * logp, axis=-1, keepdims=True)
+    return jnp.sum(p * p * (logp + h), axis=-1)
+
+
+def entropy_change(
+    advantages: jax.Array,
+    logp: jax.Array,
+    old_logp: jax.Array,
+    entropy: jax.Array,
+    mask: jax.Array,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    expectation: str = "sequence",
+    expected_pi_lambda: jax.Array | None = None,
+) -> jax.Array:
+    """First-order estimate of the entropy change each token's update causes (SPEC 2.2).
+
+      xi = I_clip * r * A,  I_clip = [A>0][r <= 1+eps_high] + [A<0][r >= 1-eps_low]
+      Lambda = logp + H,    dH = -xi * (pi * Lambda - E[pi * Lambda])
+
+    `expectation="sequence"`: E is the masked mean of pi * Lambda over the row's valid tokens
+    (the official code). `"vocab"`: E = sum_a pi_a^2 (log pi_a + H) at the same position, the
+    exact first-order term; pass it as `expected_pi_lambda` ([rows, T], from
+    `vocab_expectation` or `token_logprobs_and_entropy(..., with_vocab_expectation=True)`).
+
+    Returns:
+      dH: [rows, T] float32, 0 on padding.
+    """
+    if expectation not in EXPECTATIONS:
+        raise ValueError(f"modulation.expectation {expectation!r}; choose one of {EXPECTATIONS}.")
+    lp, h, m = _f32(logp), _f32(entropy), _f32(mask)
+    a = _broadcast_advantages(advantages, lp)
+    r = jax.lax.stop_gradient(importance_ratio(lp, old_logp))
+    in_clip = ((a > 0) & (r <= 1.0 + eps_high)) | ((a < 0) & (r >= 1.0 - eps_low))
+    xi = jnp.where(in_clip, r * a, 0.0)
+    pi_lambda = jnp.exp(lp) * (lp + h)
+    if expectation == "sequence":
+        row_count = jnp.sum(m, axis=-1, keepdims=True)
+        expect = jnp.sum(pi_lambda * m, axis=-1, keepdims=True) / jnp.maximum(row_count, 1.0)
+    else:
+        if expected_pi_lambda is None:
+            raise ValueError(
+                "expectation='vocab' needs expected_pi_lambda (sum_a pi_a^2 (log pi_a + H) per "
+                "token); compute it with token_logprobs_and_entropy(..., "
+                "with_vocab_expectation=True) or modulation.vocab_expectation(logits)."
+            )
+        expect = _f32(expected_pi_lambda)
+    return jnp.where(m > 0, -xi * (pi_lambda - expect), 0.0)
+
+
+def beta_stab(
+    xi_abs: jax.Array,
+    mask: jax.Array,
+    lambda_min: float = 0.6,
+    gamma: float = 50.0,
+    tau: float = 0.99,
+    xi_max: jax.Array | None = None,
+) -> jax.Array:
+    """Stabilisation factor (SPEC 2.3).
+
+      x = Xi / (max Xi + 1e-8)
+      beta_stab = lambda_min + (1 - lambda_min) / (1 + exp(gamma (x - tau)))
+
+    Args:
+      xi_abs: [rows, T] Xi = |dH|; mask: [rows, T]; xi_max: the scope's max Xi if not the input's.
+    Returns:
+      [rows, T] float32, 1 on padding.
+    """
+    xi, m = _f32(xi_abs), _f32(mask)
+    xi = jnp.where(m > 0, xi, 0.0)
+    xi_max = jnp.max(xi, initial=0.0) if xi_max is None else _f32(xi_max)
+    x = xi / (xi_max + 1e-8)
+    beta = lambda_min + (1.0 - lambda_min) * jax.nn.sigmoid(-gamma * (x - tau))
+    return jnp.where(m > 0, beta, 1.0)
+
+
+def scope_statistics(
+    advantages: jax.Array,
+    logp: jax.Array,
+    old_logp: jax.Array,
+    entropy: jax.Array,
+    mask: jax.Array,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    expectation: str = "sequence",
+    expected_pi_lambda: jax.Array | None = None,
+) -> ScopeStats:
+    """H_max, H_min and max Xi over the given tokens: the normalisation scope of SPEC 2.4."""
+    m = _f32(mask)
+    h = _f32(entropy)
+    xi = jnp.abs(
+        entropy_change(
+            advantages,
+            logp,
+            old_logp,
+            entropy,
+            mask,
+            eps_low,
+            eps_high,
+            expectation,
+            expected_pi_lambda,
+        )
+    )
+    return ScopeStats(
+        h_max=_masked_max(h, m), h_min=_masked_min(h, m), xi_max=jnp.max(xi, initial=0.0)
+    )
+
+
+def combine_scope_statistics(a: ScopeStats, b: ScopeStats) -> ScopeStats:
+    """Merge the statistics of two disjoint token sets (e.g. micro-batches of one update)."""
+    return ScopeStats(
+        h_max=jnp.maximum(a.h_max, b.h_max),
+        h_min=jnp.minimum(a.h_min, b.h_min),
+        xi_max=jnp.maximum(a.xi_max, b.xi_max),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("comp", "stab", "expectation"))
+def modulate_advantages(
+    advantages: jax.Array,
+    entropy: jax.Array,
+    logp: jax.Array,
+    old_logp: jax.Array,
+    mask: jax.Array,
+    *,
+    comp: bool = True,
+    stab: bool = True,
+    alpha: float = 0.2,
+    lambda_min: float = 0.6,
+    gamma: float = 50.0,
+    tau: float = 0.99,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    expectation: str = "sequence",
+    expected_pi_lambda: jax.Array | None = None,
+    scope: ScopeStats | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """A_final = A * beta_comp * beta_stab (SPEC 2.4), with logging statistics.
+
+    Args:
+      advantages: [rows] or [rows, T] advantages A (row advantages are broadcast to tokens).
+      entropy: [rows, T] full-vocabulary entropy of the current policy at the sampling temperature.
+      logp, old_logp: [rows, T] log-probs of the sampled tokens, current and behaviour policy.
+      mask: [rows, T] response mask (0 on prompt padding / after EOS / padding rows).
+      comp, stab: switch each factor (both off = plain GRPO advantages).
+      alpha: compensation strength; lambda_min, gamma, tau: stabilisation sigmoid.
+      eps_low, eps_high: the clip range used by I_clip (the same as the loss's).
+      expectation, expected_pi_lambda: see `entropy_change`.
+      scope: reductions of a larger scope (`mini_batch`); None = over these tokens.
+
+    Returns:
+      final_advantages: [rows, T] float32 without gradient, 0 on padding.
+      aux: scalars: `beta_comp_pos_mean` (mean beta_comp on A>0 tokens), `beta_stab_mean`,
+        `damped_frac` (share of valid tokens with beta_stab < 0.99), `xi_mean`, `xi_max`,
+        `h_max`, `h_min`. Empty sets give 0, never NaN.
+    """
+    m = _f32(mask)
+    a = _broadcast_advantages(advantages, m)
+    h = _f32(entropy)
+    valid = m > 0
+    n_valid = jnp.maximum(jnp.sum(m), 1.0)
+    xi = jnp.abs(
+        entropy_change(a, logp, old_logp, h, m, eps_low, eps_high, expectation, expected_pi_lambda)
+    )
+    if scope is None:
+        scope = ScopeStats(_masked_max(h, m), _masked_min(h, m), jnp.max(xi, initial=0.0))
+
+    bc = beta_comp(a, h, m, alpha, scope.h_max, scope.h_min) if comp else jnp.ones_like(m)
+    bs = beta_stab(xi, m, lambda_min, gamma, tau, scope.xi_max) if stab else jnp.ones_like(m)
+    final = jnp.where(valid, a * bc * bs, 0.0)
+
+    pos = valid & (a > 0)
+    aux = {
+        "beta_comp_pos_mean": jnp.sum(jnp.where(pos, bc, 0.0)) / jnp.maximum(jnp.sum(pos), 1),
+        "beta_stab_mean": jnp.sum(jnp.where(valid, bs, 0.0)) / n_valid,
+        "damped_frac": jnp.sum(valid & (bs < 0.99)) / n_valid,
+        "xi_mean": jnp.sum(xi) / n_valid,
+        "xi_max": jnp.max(xi, initial=0.0),
+        "h_max": jnp.where(jnp.isfinite(scope.h_max), scope.h_max, 0.0),
+        "h_min": jnp.where(jnp.isfinite(scope.h_min), scope.h_min, 0.0),
+    }
+    return jax.lax.stop_gradient(final), aux

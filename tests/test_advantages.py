@@ -1,0 +1,82 @@
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dynamo_jax.advantages import group_advantages, zero_variance_fraction
+
+
+def reference(rewards, group_ids, valid, estimator, eps=1e-6):
+    """Plain numpy loop over groups (SPEC 3)."""
+    out = np.zeros(len(rewards))
+    for g in np.unique(group_ids[valid]):
+        idx = np.where(valid & (group_ids == g))[0]
+        r = rewards[idx].astype(np.float64)
+        if len(idx) < 2:
+            continue
+        if estimator == "grpo":
+            out[idx] = (r - r.mean()) / (r.std(ddof=1) + eps)
+        elif estimator == "dr_grpo":
+            out[idx] = r - r.mean()
+        else:
+            out[idx] = [r[j] - np.delete(r, j).mean() for j in range(len(r))]
+    return out
+
+
+def random_batch(rng, num_groups, binary):
+    sizes = rng.integers(1, 9, size=num_groups)
+    sizes[rng.integers(num_groups)] = 1  # always one singleton group
+    group_ids = np.repeat(np.arange(num_groups), sizes)
+    rewards = (
+        rng.choice([-1.0, 1.0], size=len(group_ids)) if binary else rng.normal(size=len(group_ids))
+    )
+    perm = rng.permutation(len(group_ids))  # groups need not be contiguous
+    return rewards[perm].astype(np.float32), group_ids[perm].astype(np.int32)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
+@pytest.mark.parametrize("binary", [True, False])
+def test_matches_numpy_loop_on_ragged_groups(estimator, binary):
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        rewards, gids = random_batch(rng, 12, binary)
+        valid = np.ones(len(rewards), bool)
+        got = group_advantages(rewards, gids, valid, num_groups=16, estimator=estimator)
+        np.testing.assert_allclose(got, reference(rewards, gids, valid, estimator), atol=2e-5)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
+def test_padding_rows_change_nothing(estimator):
+    rng = np.random.default_rng(1)
+    rewards, gids = random_batch(rng, 10, binary=False)
+    base = group_advantages(
+        rewards, gids, np.ones(len(rewards), bool), num_groups=10, estimator=estimator
+    )
+    pad = 7  # padding rows carry garbage rewards and in-range group ids
+    r2 = np.concatenate([rewards, rng.normal(size=pad).astype(np.float32) * 100])
+    g2 = np.concatenate([gids, rng.integers(0, 10, size=pad).astype(np.int32)])
+    v2 = np.concatenate([np.ones(len(rewards), bool), np.zeros(pad, bool)])
+    got = np.asarray(group_advantages(r2, g2, v2, num_groups=10, estimator=estimator))
+    np.testing.assert_allclose(got[: len(rewards)], base, atol=1e-6)
+    assert np.all(got[len(rewards) :] == 0.0)
+
+
+def test_zero_variance_singletons_and_empty_never_nan():
+    rewards = jnp.array([1.0, 1.0, 1.0, -1.0, 0.3, 0.0, 0.0])
+    gids = jnp.array([0, 0, 0, 1, 2, 3, 3])
+    valid = jnp.array([1, 1, 1, 1, 1, 0, 0], bool)  # group 3: padding only; groups 4..7 empty
+    for est in ("grpo", "dr_grpo", "rloo"):
+        adv = np.asarray(group_advantages(rewards, gids, valid, num_groups=8, estimator=est))
+        assert np.all(np.isfinite(adv)) and np.all(adv == 0.0)
+    frac = zero_variance_fraction(rewards, gids, valid, num_groups=8)
+    assert float(frac) == pytest.approx(5 / 5)  # 3 rows of group 0 + 2 singletons (std 0)
+
+
+def test_new_allocation_does_not_recompile():
+    rng = np.random.default_rng(2)
+    group_advantages(np.zeros(64, np.float32), np.zeros(64, np.int32), np.ones(64, bool), 8)
+    before = group_advantages._cache_size()
+    for _ in range(5):
+        sizes = rng.multinomial(64 - 8, np.ones(8) / 8) + 1
+        gids = np.repeat(np.arange(8), sizes).astype(np.int32)
+        group_advantages(rng.normal(size=64).astype(np.float32), gids, np.ones(64, bool), 8)
+    assert group_advantages._cache_size() == before

@@ -1,0 +1,70 @@
+import pytest
+
+from dynamo_jax import config as cfg_lib
+
+
+def test_default_config_is_valid_and_has_spec_defaults():
+    c = cfg_lib.get_default_config()
+    cfg_lib.validate(c)
+    assert c.rollouts_per_prompt == 16 and c.prompts_per_step == 512
+    assert (c.allocation.n_low, c.allocation.n_high) == (8, 24)
+    assert c.allocation.mode == "variance" and c.allocation.refresh == "step"
+    assert c.allocation.stats_decay == 1.0 and c.allocation.min_history == 4
+    assert c.allocation.unexplored_weight is None and c.allocation.weight_exponent == 1.0
+    assert (c.loss.eps_low, c.loss.eps_high, c.loss.dual_clip) == (0.2, 0.28, 10.0)
+    assert c.modulation.alpha == 0.2 and c.modulation.lambda_min == 0.6
+    assert c.modulation.gamma == 50.0 and c.modulation.tau == 0.99
+    assert c.modulation.scope == "micro_batch" and c.modulation.expectation == "sequence"
+    assert c.optim.learning_rate == 1e-6 and c.optim.warmup_steps == 10
+    assert c.optim.weight_decay == 0.1 and c.optim.grad_clip_norm == 1.0
+    assert c.train.num_minibatches == 16 and c.advantage.estimator == "grpo"
+
+
+def test_unknown_key_is_rejected_with_suggestion():
+    c = cfg_lib.get_default_config().to_dict()
+    c["allocation"]["n_hgih"] = 30
+    with pytest.raises(cfg_lib.ConfigError, match=r"allocation\.n_hgih.*allocation\.n_high"):
+        cfg_lib.validate(c)
+
+
+def test_wrong_type_names_field():
+    c = cfg_lib.get_default_config().to_dict()
+    c["train"]["num_minibatches"] = 2.5
+    c["modulation"]["comp"] = "yes"
+    with pytest.raises(cfg_lib.ConfigError) as err:
+        cfg_lib.validate(c)
+    assert "train.num_minibatches" in str(err.value) and "modulation.comp" in str(err.value)
+
+
+def test_infeasible_budget_names_numbers():
+    c = cfg_lib.get_default_config()
+    c.allocation.n_low = 20
+    with pytest.raises(cfg_lib.ConfigError) as err:
+        cfg_lib.validate(c)
+    msg = str(err.value)
+    assert "8192" in msg and "10240" in msg and "allocation.n_low" in msg
+
+
+def test_bad_choice_and_divisibility():
+    c = cfg_lib.get_default_config()
+    c.allocation.mode = "neyman"
+    c.train.num_minibatches = 7
+    with pytest.raises(cfg_lib.ConfigError) as err:
+        cfg_lib.validate(c)
+    assert "allocation.mode = 'neyman'" in str(err.value)
+    assert "train.num_minibatches = 7" in str(err.value)
+
+
+def test_uniform_mode_ignores_bounds():
+    c = cfg_lib.get_default_config()
+    c.allocation.mode = "uniform"
+    c.allocation.n_low, c.allocation.n_high = 20, 30
+    cfg_lib.validate(c)
+
+
+def test_presets():
+    c = cfg_lib.get_default_config()
+    cfg_lib.apply_modulation_preset(c, "decay5")
+    assert (c.modulation.alpha, c.modulation.lambda_min, c.modulation.tau) == (0.4, 0.6, 0.9)
+    with pytest.raises(ValueError, match="decay6"):
+        cfg_lib.apply_modulation_preset(c, "decay7")

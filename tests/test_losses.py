@@ -1,0 +1,271 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dynamo_jax import losses
+
+AGGS = losses.LOSS_AGGREGATIONS
+
+
+# ---- numpy transcription of SPEC 4 (float64) ----
+def np_policy_loss(
+    logp,
+    old,
+    a,
+    mask,
+    agg,
+    eps_low=0.2,
+    eps_high=0.28,
+    c=10.0,
+    ref=None,
+    kl_coef=0.0,
+    kl_est="k3",
+    ent=None,
+    ent_coef=0.0,
+    max_len=None,
+):
+    a = np.broadcast_to(a[:, None], logp.shape) if a.ndim == 1 else a
+    r = np.exp(np.clip(logp - old, -20, 20))
+    l = np.maximum(-a * r, -a * np.clip(r, 1 - eps_low, 1 + eps_high))
+    l = np.where(a < 0, np.minimum(l, -a * c), l)
+    if ref is not None:
+        lr = logp - ref
+        kl = {"k1": lr, "k2": 0.5 * lr**2, "k3": np.exp(-lr) + lr - 1}[kl_est]
+        l = l + kl_coef * kl
+    if ent is not None:
+        l = l - ent_coef * ent
+    rows = [i for i in range(len(l)) if mask[i].sum() > 0]
+    if agg == "token_mean":
+        return (l * mask).sum() / mask.sum()
+    if agg == "seq_mean_token_sum":
+        return np.mean([(l[i] * mask[i]).sum() for i in rows])
+    if agg == "seq_mean_token_mean":
+        return np.mean([(l[i] * mask[i]).sum() / mask[i].sum() for i in rows])
+    return np.mean([(l[i] * mask[i]).sum() / (max_len or l.shape[1]) for i in rows])
+
+
+def batch(seed, rows=8, length=12):
+    rng = np.random.default_rng(seed)
+    logp = -rng.uniform(0.05, 3.0, size=(rows, length))
+    old = logp + rng.normal(size=logp.shape) * 0.4
+    old[0, :3] = logp[0, :3] + 3.0  # ratio e^-3 < 1 - eps_low
+    old[1, :3] = logp[1, :3] - 3.0  # ratio e^3 > 1 + eps_high, and > c for A < 0 below
+    a = rng.normal(size=rows)
+    a[1] = -abs(a[1])
+    lengths = rng.integers(1, length + 1, size=rows)
+    mask = (np.arange(length)[None] < lengths[:, None]).astype(np.float64)
+    mask[3] = 0.0  # all-masked row
+    ref = logp + rng.normal(size=logp.shape) * 0.2
+    ent = rng.uniform(0, 2, size=logp.shape)
+    return logp, old, a, mask, ref, ent
+
+
+F32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("kl_est", ["k1", "k2", "k3"])
+def test_policy_loss_matches_numpy(agg, kl_est):
+    logp, old, a, mask, ref, ent = batch(0)
+    want = np_policy_loss(
+        logp,
+        old,
+        a,
+        mask,
+        agg,
+        ref=ref,
+        kl_coef=0.1,
+        kl_est=kl_est,
+        ent=ent,
+        ent_coef=0.01,
+        max_len=20,
+    )
+    s, n, aux = losses.policy_loss(
+        F32(logp),
+        F32(old),
+        F32(a),
+        F32(mask),
+        loss_agg=agg,
+        max_response_length=20,
+        ref_logp=F32(ref),
+        kl_coef=0.1,
+        kl_estimator=kl_est,
+        entropy=F32(ent),
+        entropy_coef=0.01,
+    )
+    assert float(losses.loss_value(s, n)) == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert float(aux["tokens"]) == mask.sum()
+
+
+def test_clip_fractions_count_what_they_say():
+    logp, old, a, mask, _, _ = batch(1)
+    _, _, aux = losses.policy_loss(F32(logp), F32(old), F32(a), F32(mask))
+    r = np.exp(logp - old)
+    aa = np.broadcast_to(a[:, None], r.shape)
+    v = mask > 0
+    assert aux["clip_low"] == ((aa < 0) & (r < 0.8) & v).sum()
+    assert aux["clip_high"] == ((aa > 0) & (r > 1.28) & v).sum()
+    assert aux["dual_clip"] == ((aa < 0) & (r > 10.0) & v).sum()
+    assert aux["dual_clip"] > 0 and aux["clip_low"] + aux["clip_high"] > 0
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_micro_batches_accumulate_to_full_batch(agg):
+    logp, old, a, mask, ref, ent = batch(2, rows=12)
+    kw = dict(loss_agg=agg, ref_logp=None, kl_coef=0.0)
+
+    def pair(lp, sl):
+        s, n, _ = losses.policy_loss(lp, F32(old[sl]), F32(a[sl]), F32(mask[sl]), **kw)
+        return s, n
+
+    lp = F32(logp)
+    s_full, n_full = pair(lp, slice(None))
+    full = losses.loss_value(s_full, n_full)
+    # uneven micro-batches, one of them holding the all-masked row 3 alone
+    cuts = [slice(0, 3), slice(3, 4), slice(4, 9), slice(9, 12)]
+    pairs = [pair(lp[c], c) for c in cuts]
+    acc = sum(p[0] for p in pairs) / sum(p[1] for p in pairs)
+    assert float(acc) == pytest.approx(float(full), rel=1e-6)
+    # gradients: sum of micro-batch gradients of loss_sum / total count == full gradient
+    g_full = jax.grad(lambda x: losses.loss_value(*pair(x, slice(None))))(lp)
+    g_micro = jnp.concatenate([jax.grad(lambda x, c=c: pair(x, c)[0])(lp[c]) for c in cuts])
+    np.testing.assert_allclose(g_micro / n_full, g_full, atol=1e-7, rtol=1e-5)
+
+
+def test_policy_loss_gradient_matches_finite_differences():
+    logp, old, a, mask, ref, ent = batch(3)
+    kw = dict(ref=ref, kl_coef=0.1, ent=ent, ent_coef=0.01)
+
+    def jloss(x):
+        s, n, _ = losses.policy_loss(
+            x,
+            F32(old),
+            F32(a),
+            F32(mask),
+            ref_logp=F32(ref),
+            kl_coef=0.1,
+            entropy=F32(ent),
+            entropy_coef=0.01,
+        )
+        return losses.loss_value(s, n)
+
+    g = np.asarray(jax.grad(jloss)(F32(logp)))
+    h = 1e-6
+    rng = np.random.default_rng(0)
+    for i, j in zip(rng.integers(0, 8, 30), rng.integers(0, 12, 30), strict=True):
+        if mask[i, j] == 0:
+            assert g[i, j] == 0
+            continue
+        up, dn = logp.copy(), logp.copy()
+        up[i, j] += h
+        dn[i, j] -= h
+        fd = (
+            np_policy_loss(up, old, a, mask, "token_mean", **kw)
+            - np_policy_loss(dn, old, a, mask, "token_mean", **kw)
+        ) / (2 * h)
+        assert g[i, j] == pytest.approx(fd, rel=1e-3, abs=1e-6)
+
+
+def np_token_stats(hidden, w, targets, temperature):
+    z = hidden @ w / temperature
+    z = z - z.max(-1, keepdims=True)
+    logp_all = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    p = np.exp(logp_all)
+    return np.take_along_axis(logp_all, targets[..., None], -1)[..., 0], -(p * logp_all).sum(-1)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 16, 64])
+def test_chunked_equals_unchunked(chunk):
+    rng = np.random.default_rng(4)
+    rows, length, d, v = 3, 16, 8, 37
+    hidden, w = rng.normal(size=(rows, length, d)), rng.normal(size=(d, v)) / 2
+    t = rng.integers(0, v, size=(rows, length))
+    want_lp, want_h = np_token_stats(hidden, w, t, 0.8)
+    got = losses.token_logprobs_and_entropy(
+        F32(hidden), F32(w), jnp.asarray(t), 0.8, chunk, with_vocab_expectation=True
+    )
+    np.testing.assert_allclose(got.logp, want_lp, atol=2e-5)
+    np.testing.assert_allclose(got.entropy, want_h, atol=2e-5)
+    from dynamo_jax.modulation import vocab_expectation
+
+    np.testing.assert_allclose(
+        got.expected_pi_lambda, vocab_expectation(F32(hidden @ w), 0.8), atol=1e-6
+    )
+    from_logits = losses.logprobs_and_entropy_from_logits(
+        F32(hidden @ w), jnp.asarray(t), 0.8, chunk
+    )
+    np.testing.assert_allclose(from_logits.logp, want_lp, atol=2e-5)
+    np.testing.assert_allclose(from_logits.entropy, want_h, atol=2e-5)
+
+    # gradients of chunked == gradients of the plain full-logits computation
+    def chunked(hh, ww):
+        s = losses.token_logprobs_and_entropy(hh, ww, jnp.asarray(t), 0.8, chunk)
+        return jnp.sum(s.logp * 0.3 + s.entropy * 0.7)
+
+    def plain(hh, ww):
+        lp = jax.nn.log_softmax(hh @ ww / 0.8, -1)
+        ent = -jnp.sum(jnp.exp(lp) * lp, -1)
+        return jnp.sum(
+            jnp.take_along_axis(lp, jnp.asarray(t)[..., None], -1)[..., 0] * 0.3 + ent * 0.7
+        )
+
+    gc = jax.grad(chunked, argnums=(0, 1))(F32(hidden), F32(w))
+    gp = jax.grad(plain, argnums=(0, 1))(F32(hidden), F32(w))
+    for a, b in zip(gc, gp, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_token_stats_gradient_matches_finite_differences():
+    rng = np.random.default_rng(5)
+    rows, length, d, v = 2, 5, 4, 9
+    hidden, w = rng.normal(size=(rows, length, d)), rng.normal(size=(d, v))
+    t = rng.integers(0, v, size=(rows, length))
+    coef_lp, coef_h = rng.normal(size=(rows, length)), rng.normal(size=(rows, length))
+
+    def np_f(hh, ww):
+        lp, h = np_token_stats(hh, ww, t, 1.0)
+        return (coef_lp * lp + coef_h * h).sum()
+
+    def j_f(hh, ww):
+        s = losses.token_logprobs_and_entropy(hh, ww, jnp.asarray(t), 1.0, chunk_size=2)
+        return jnp.sum(F32(coef_lp) * s.logp + F32(coef_h) * s.entropy)
+
+    gh, gw = jax.grad(j_f, argnums=(0, 1))(F32(hidden), F32(w))
+    eps = 1e-6
+    for idx in [(0, 0, 0), (1, 4, 3), (0, 2, 1)]:
+        e = np.zeros_like(hidden)
+        e[idx] = eps
+        fd = (np_f(hidden + e, w) - np_f(hidden - e, w)) / (2 * eps)
+        assert float(gh[idx]) == pytest.approx(fd, rel=1e-3, abs=1e-5)
+    for idx in [(0, 0), (3, 8), (2, 5)]:
+        e = np.zeros_like(w)
+        e[idx] = eps
+        fd = (np_f(hidden, w + e) - np_f(hidden, w - e)) / (2 * eps)
+        assert float(gw[idx]) == pytest.approx(fd, rel=1e-3, abs=1e-5)
+
+
+def test_chunking_bounds_logits_memory():
+    """Forward+backward never holds a [rows, T, vocab] float32 array: the compiled program's
+    temporary memory stays far below that size."""
+    rows, length, d, v = 8, 256, 32, 4096
+    full_bytes = rows * length * v * 4  # 32 MiB
+
+    chunk_bytes = rows * 16 * v * 4  # 2 MiB
+
+    def temp_bytes(chunk):
+        def f(hh, ww, tt):
+            s = losses.token_logprobs_and_entropy(hh, ww, tt, 1.0, chunk_size=chunk)
+            return jnp.sum(s.logp + s.entropy)
+
+        args = (
+            jnp.zeros((rows, length, d)),
+            jnp.zeros((d, v)),
+            jnp.zeros((rows, length), jnp.int32),
+        )
+        compiled = jax.jit(jax.grad(f, argnums=(0, 1))).lower(*args).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    chunked, unchunked = temp_bytes(16), temp_bytes(length)
+    assert unchunked >= full_bytes  # the measurement sees a full logits array when there is one
+    assert chunked < 6 * chunk_bytes < full_bytes / 2, (chunked, chunk_bytes)
