@@ -42,10 +42,11 @@ def _f32(x: jax.Array) -> jax.Array:
 
 
 def _broadcast_advantages(advantages: jax.Array, like: jax.Array) -> jax.Array:
+    """Row advantages [rows] -> [rows, 1]: broadcasting, not a materialised [rows, T] copy."""
     a = _f32(advantages)
-    if a.ndim == like.ndim - 1:  # row advantages -> every token of the row
+    if a.ndim == like.ndim - 1:
         a = a[..., None]
-    return jnp.broadcast_to(a, like.shape)
+    return a
 
 
 def importance_ratio(logp: jax.Array, old_logp: jax.Array) -> jax.Array:
@@ -140,7 +141,7 @@ def entropy_change(
     lp, h, m = _f32(logp), _f32(entropy), _f32(mask)
     a = _broadcast_advantages(advantages, lp)
     r = jax.lax.stop_gradient(importance_ratio(lp, old_logp))
-    in_clip = ((a > 0) & (r <= 1.0 + eps_high)) | ((a < 0) & (r >= 1.0 - eps_low))
+    in_clip = jnp.where(a > 0, r <= 1.0 + eps_high, (a < 0) & (r >= 1.0 - eps_low))
     xi = jnp.where(in_clip, r * a, 0.0)
     pi_lambda = jnp.exp(lp) * (lp + h)
     if expectation == "sequence":
@@ -274,9 +275,15 @@ def modulate_advantages(
     if scope is None:
         scope = ScopeStats(_masked_max(h, m), _masked_min(h, m), jnp.max(xi, initial=0.0))
 
-    bc = beta_comp(a, h, m, alpha, scope.h_max, scope.h_min) if comp else jnp.ones_like(m)
-    bs = beta_stab(xi, m, lambda_min, gamma, tau, scope.xi_max) if stab else jnp.ones_like(m)
-    final = jnp.where(valid, a * bc * bs, 0.0)
+    final = a
+    bc = bs = jnp.ones_like(m)
+    if comp:
+        bc = beta_comp(a, h, m, alpha, scope.h_max, scope.h_min)
+        final = final * bc
+    if stab:
+        bs = beta_stab(xi, m, lambda_min, gamma, tau, scope.xi_max)
+        final = final * bs
+    final = jnp.where(valid, final, 0.0)
 
     pos = valid & (a > 0)
     aux = {
