@@ -31,6 +31,9 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "advantage.estimator": ("grpo", "dr_grpo", "rloo"),
     "modulation.expectation": ("sequence", "vocab"),
     "modulation.scope": ("micro_batch", "mini_batch"),
+    "data.task": ("arithmetic", "math"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
     "loss.kl_estimator": ("k1", "k2", "k3"),
     "loss.loss_agg": (
         "token_mean",
@@ -121,7 +124,55 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.log_every = 1
     c.checkpoint_every = 50
     c.keep_checkpoints = 3
+
+    # What is trained, on what, on which devices (not part of the algorithm).
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""  # local Hugging Face folder; "" = random init from model.architecture
+    c.model.architecture = ml_collections.ConfigDict()  # HF config.json fields (free-form)
+    c.model.dtype = "float32"  # compute dtype
+    c.model.param_dtype = "float32"  # master weights
+    c.model.remat = False
+    c.model.seed = 0
+
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.path = ""  # HF tokenizer folder or SentencePiece .model; "" = task's own
+
+    c.data = ml_collections.ConfigDict()
+    c.data.task = "arithmetic"  # "arithmetic" (synthetic, embedded) or "math" (files)
+    c.data.num_train = 2000  # arithmetic: problems in the training set
+    c.data.num_heldout = 200  # arithmetic: held-out problems
+    c.data.seed = 0
+
+    c.buckets = ml_collections.ConfigDict()
+    c.buckets.prompt_len = (32, 64, 128, 256, 512, 1024, 2048)
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 0  # RL steps between held-out evaluations; 0 = only before and after
+    c.eval.num_prompts = 200
+    c.eval.greedy = True
+
+    c.sft = ml_collections.ConfigDict()  # supervised warm start (synthetic tasks)
+    c.sft.steps = 0
+    c.sft.num_examples = 10000  # synthetic tasks: size of the warm-start pool
+    c.sft.batch_size = 64
+    c.sft.learning_rate = 3e-3
+    c.sft.target_accuracy = 0.0  # stop early once held-out greedy accuracy reaches this
+    c.sft.eval_every = 50
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices not used by the other axes
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = ""  # "" = single process (or auto-detected cluster)
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
     return c
+
+
+# Sections whose keys are free-form (passed through to another library).
+FREEFORM = ("model.architecture",)
 
 
 def apply_modulation_preset(config: ml_collections.ConfigDict, name: str) -> None:
@@ -146,6 +197,10 @@ def _as_dict(cfg: Any) -> Any:
 
 def _check_schema(value: Any, default: Any, path: str, errors: list[str]) -> None:
     """Recursive structural check of `value` against the default schema."""
+    if path in FREEFORM:
+        if not isinstance(value, Mapping):
+            errors.append(f"{path}: expected a section (dict), got {value!r}")
+        return
     if isinstance(default, Mapping):
         if not isinstance(value, Mapping):
             errors.append(f"{path or 'config'}: expected a section (dict), got {value!r}")
@@ -182,6 +237,11 @@ def _check_schema(value: Any, default: Any, path: str, errors: list[str]) -> Non
     elif isinstance(default, str):
         if not isinstance(value, str):
             errors.append(f"{path}: expected a string, got {value!r} ({type(value).__name__})")
+    elif isinstance(default, tuple | list):
+        if not isinstance(value, tuple | list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            errors.append(f"{path}: expected a list of integers, got {value!r}")
 
 
 def _is_number(value: Any) -> bool:
@@ -299,6 +359,12 @@ def validate(config: Any, schema: Any = None) -> None:
     need(get("checkpoint_every") >= 1, "checkpoint_every must be >= 1.")
     need(get("keep_checkpoints") >= 1, "keep_checkpoints must be >= 1.")
     need(get("log_every") >= 1, "log_every must be >= 1.")
+    mesh_sizes = [get("mesh.data"), get("mesh.fsdp"), get("mesh.tensor")]
+    need(
+        all(v == -1 or v >= 1 for v in mesh_sizes) and mesh_sizes.count(-1) <= 1,
+        f"mesh (data, fsdp, tensor) = {tuple(mesh_sizes)}: each must be >= 1, at most one -1.",
+    )
+    need(len(get("buckets.prompt_len")) >= 1, "buckets.prompt_len must list >= 1 length.")
 
     if errors:
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))

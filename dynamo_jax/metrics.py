@@ -1,0 +1,103 @@
+"""Metric writers: console progress bar, JSONL and TensorBoard, all in the work dir.
+
+    writer = MetricsWriter(workdir, total_steps, start_step)
+    writer.write(step, {"reward": 0.3, ...}, histograms={"allocation": n})
+    writer.close()
+
+On resume, JSONL lines for steps after the restored checkpoint (written by the run that was
+killed) are dropped first, so the file holds each step exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+PROGRESS_KEYS = ("reward", "accuracy", "entropy", "loss", "eval_accuracy")
+
+
+def _clean(value: Any) -> float | int | None:
+    v = np.asarray(value).item() if not isinstance(value, int | float) else value
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # JSON has no NaN/inf; a None in the log is visible and honest
+    return v
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricsWriter:
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        total_steps: int,
+        start_step: int = 0,
+        tensorboard: bool = True,
+        progress: bool = True,
+        enabled: bool = True,
+    ):
+        self.enabled = enabled
+        self.path = os.path.join(os.fspath(workdir), "metrics.jsonl")
+        self._tb = None
+        self._bar = None
+        if not enabled:
+            return
+        os.makedirs(os.fspath(workdir), exist_ok=True)
+        kept = [r for r in read_jsonl(self.path) if r.get("step", -1) < start_step]
+        with open(self.path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(os.fspath(workdir), "tensorboard"),
+                                     purge_step=start_step)
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="RL", unit="step",
+                             dynamic_ncols=True)
+
+    def write(
+        self,
+        step: int,
+        scalars: Mapping[str, Any],
+        histograms: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _clean(v) for k, v in scalars.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and value is not None:
+                    self._tb.add_scalar(key, value, step)
+            for key, values in (histograms or {}).items():
+                self._tb.add_histogram(key, np.asarray(values), step)
+            self._tb.flush()
+        if self._bar is not None:
+            self._bar.update(1)
+            shown = {k: f"{record[k]:.3g}" for k in PROGRESS_KEYS
+                     if record.get(k) is not None}
+            self._bar.set_postfix(shown, refresh=False)
+
+    def log_text(self, message: str) -> None:
+        if self._bar is not None:
+            self._bar.write(message)
+        elif self.enabled:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,1 @@
+"""Synthetic tasks with exact verifiers (the embedded default run uses `arithmetic`)."""

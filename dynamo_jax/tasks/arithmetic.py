@@ -1,0 +1,130 @@
+"""A synthetic arithmetic task whose prompts differ in difficulty, with an exact verifier.
+
+Problems are `a op b =` for op in {+, -, *} on 1-3 digit operands. Difficulty comes from the
+operation and the operand sizes, so a small model solves some prompts always, some never and
+many sometimes: exactly the spread DynaMO's allocation is built for.
+
+Answers are written least-significant digit first (`12+79=` -> `19`, i.e. 91 reversed): a carry
+then only depends on digits already written, which a tiny causal model learns in minutes on a
+CPU (with most-significant-first answers it needs far longer to get off the ground).
+
+    train, heldout = make_splits(seed=0, num_train=2000, num_heldout=200)
+    record = train[0]            # {"id": "arith-train-00000", "prompt": "12+7=", "answer": "19"}
+    verify(["19", " 19 ", "20"], ["19", "19", "19"]) -> [True, True, False]
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+# (operator, max digits of a, max digits of b, share of the problem set)
+DEFAULT_MIX: tuple[tuple[str, int, int, float], ...] = (
+    ("+", 1, 1, 0.2),
+    ("-", 1, 1, 0.15),
+    ("*", 1, 1, 0.2),
+    ("+", 2, 1, 0.2),
+    ("+", 2, 2, 0.15),
+    ("*", 2, 1, 0.1),
+)
+
+
+def _operand(rng: np.random.Generator, digits: int) -> int:
+    return int(rng.integers(0, 10**digits))
+
+
+def make_problems(
+    num: int, seed: int, split: str, mix: tuple[tuple[str, int, int, float], ...] = DEFAULT_MIX,
+    exclude: set[str] | None = None,
+) -> list[dict[str, str]]:
+    """`num` distinct problems with stable ids `arith-{split}-{i:05d}`.
+
+    `exclude` holds prompt texts that must not appear (keeps held-out problems out of training).
+    """
+    shares = np.array([m[3] for m in mix], dtype=np.float64)
+    shares = shares / shares.sum()
+    # zlib.crc32, not hash(): str hashes are salted per process, which would change the problem
+    # set between a run and its resume.
+    rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
+    seen: set[str] = set(exclude or ())
+    out: list[dict[str, str]] = []
+    attempts = 0
+    while len(out) < num:
+        attempts += 1
+        if attempts > 100 * num + 1000:
+            raise ValueError(
+                f"could only make {len(out)} distinct problems of {num} requested: the mix is "
+                "too small; allow more digits or ask for fewer problems"
+            )
+        op, da, db, _ = mix[int(rng.choice(len(mix), p=shares))]
+        a, b = _operand(rng, da), _operand(rng, db)
+        if op == "-" and b > a:
+            a, b = b, a  # non-negative answers
+        prompt = f"{a}{op}{b}="
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        value = a + b if op == "+" else a - b if op == "-" else a * b
+        out.append({"id": f"arith-{split}-{len(out):05d}", "prompt": prompt,
+                    "answer": str(value)[::-1]})
+    return out
+
+
+def make_splits(
+    seed: int = 0, num_train: int = 2000, num_heldout: int = 200
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(train, heldout): disjoint sets of problems (no held-out prompt text is in train)."""
+    heldout = make_problems(num_heldout, seed, "heldout")
+    train = make_problems(num_train, seed, "train", exclude={r["prompt"] for r in heldout})
+    return train, heldout
+
+
+def extract_answer(response: str) -> str:
+    """The response up to the first whitespace-separated token, stripped (an exact answer)."""
+    parts = response.strip().split()
+    return parts[0] if parts else ""
+
+
+def verify(responses: list[str], answers: list[str]) -> np.ndarray:
+    """Exact-answer verifier: [len] bool."""
+    if len(responses) != len(answers):
+        raise ValueError(f"{len(responses)} responses but {len(answers)} answers")
+    return np.array(
+        [extract_answer(r) == a.strip() for r, a in zip(responses, answers, strict=True)],
+        dtype=bool,
+    )
+
+
+def corpus(records: list[dict[str, str]]) -> list[str]:
+    """Text lines to train the task's tokenizer on."""
+    return [r["prompt"] + r["answer"] for r in records]
+
+
+def train_tokenizer(records: list[dict[str, str]], out_dir: str) -> str:
+    """Trains a character-level SentencePiece model on the task's text (0.1 s); returns its path.
+
+    Every digit and operator is its own token (no dummy whitespace prefix), ids: pad 0, unk 1,
+    bos 2, eos 3.
+    """
+    import os
+
+    import sentencepiece as spm
+
+    os.makedirs(out_dir, exist_ok=True)
+    prefix = os.path.join(out_dir, "arith_sp")
+    chars = sorted(set("".join(corpus(records))))
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus(records)),
+        model_prefix=prefix,
+        model_type="char",
+        vocab_size=len(chars) + 4,
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        add_dummy_prefix=False,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
+    return prefix + ".model"

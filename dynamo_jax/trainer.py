@@ -1,0 +1,342 @@
+"""The DynaMO RL loop: allocate -> sample -> verify -> stats -> update -> log/save (SPEC 5).
+
+Host-side Python decides what to sample (allocation, rewards, statistics); the device does the
+heavy, pure, sharded work (sampling, log-probs, the update). Data flows one way per step:
+
+    records      = next(iterator)                         # N prompts {id, prompt, answer}
+    n            = policy.allocate(stats, ids)            # SPEC 1.3, sum n = B
+    rollouts     = sampler.generate(params, prompts, n)   # rows carry prompt/group ids
+    correct      = verify(responses, answers[group_id])   # aligned by group id, never position
+    stats.update(ids, n, correct per group)               # the same aligned arrays
+    state, m     = train_step.update(state, batch)
+    writer.write(...); checkpointer.save(...)
+
+A run is `train(config, workdir)`; started again with the same workdir it resumes from the latest
+checkpoint (train state, PromptStats, allocation snapshot, data position) and produces the same
+metrics as an uninterrupted run (timings aside).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dynamo_jax import buckets as bk
+from dynamo_jax import checkpoint as ckpt_lib
+from dynamo_jax import compilation
+from dynamo_jax import config as config_lib
+from dynamo_jax import sharding as shd
+from dynamo_jax import train_step as ts
+from dynamo_jax.allocation import AllocationPolicy, PromptStats
+from dynamo_jax.data.iterator import PromptIterator
+from dynamo_jax.metrics import MetricsWriter
+from dynamo_jax.sampling import FINISH_LENGTH, Sampler
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class Task:
+    """What the loop needs from a task: prompts, a tokenizer and a verifier."""
+
+    train: list[dict[str, str]]
+    heldout: list[dict[str, str]]
+    tokenizer: Any
+    verify: Callable[[list[str], list[str]], np.ndarray]
+    max_new_tokens: int
+    sft_examples: list[dict[str, str]] | None = None  # supervised warm-start data
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+
+def build_task(config: Any, workdir: str) -> Task:
+    if config.data.task == "arithmetic":
+        from dynamo_jax.tasks import arithmetic
+        from dynamo_jax.tokenizer import load_tokenizer
+
+        train, heldout = arithmetic.make_splits(
+            config.data.seed, config.data.num_train, config.data.num_heldout
+        )
+        path = config.tokenizer.path or os.path.join(workdir, "tokenizer", "arith_sp.model")
+        if not os.path.exists(path):
+            path = arithmetic.train_tokenizer(train, os.path.dirname(path))
+        # A separate, larger pool for the warm start (held-out prompts excluded), so the model
+        # learns the skill rather than memorising the RL prompts.
+        sft_pool = arithmetic.make_problems(
+            config.sft.num_examples, config.data.seed, "sft",
+            exclude={r["prompt"] for r in heldout},
+        ) if config.sft.steps > 0 else None
+        return Task(train, heldout, load_tokenizer(path), arithmetic.verify,
+                    config.sampling.max_new_tokens, sft_pool)
+    raise ValueError(
+        f"data.task = {config.data.task!r} is not wired into the trainer yet; use 'arithmetic'."
+    )
+
+
+def _hf_architecture(config: Any, tokenizer: Any) -> dict[str, Any]:
+    arch = dict(config.model.architecture.to_dict() if hasattr(config.model.architecture,
+                                                               "to_dict")
+                else config.model.architecture)
+    arch.setdefault("vocab_size", int(tokenizer.vocab_size))
+    if arch["vocab_size"] < tokenizer.vocab_size:
+        raise ValueError(
+            f"model.architecture.vocab_size = {arch['vocab_size']} is smaller than the "
+            f"tokenizer's vocabulary ({tokenizer.vocab_size})"
+        )
+    return arch
+
+
+def build_model(config: Any, task: Task, workdir: str, mesh: Any, log: Callable[[str], None]):
+    """The policy: a local HF checkpoint, or a random model warm-started by SFT (cached)."""
+    from dynamo_jax import models
+
+    dtype = _DTYPES[config.model.dtype]
+    param_dtype = _DTYPES[config.model.param_dtype]
+    if config.model.path:
+        return models.load_pretrained(config.model.path, dtype=dtype, param_dtype=param_dtype,
+                                      mesh=mesh, remat=config.model.remat), {}
+    sft_dir = os.path.join(workdir, "sft_model")
+    if os.path.exists(os.path.join(sft_dir, "config.json")):
+        log(f"loading the cached supervised warm start from {sft_dir}")
+        model = models.load_pretrained(sft_dir, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
+                                       remat=config.model.remat)
+        summary_path = os.path.join(sft_dir, "sft_summary.json")
+        summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+        return model, summary
+    model_cfg = models.ModelConfig.from_hf_dict(_hf_architecture(config, task.tokenizer))
+    model = models.init_model(model_cfg, config.model.seed, dtype=dtype,
+                              param_dtype=param_dtype, mesh=mesh, remat=config.model.remat)
+    summary: dict[str, Any] = {}
+    if config.sft.steps > 0:
+        from dynamo_jax import sft
+
+        eos = task.tokenizer.eos_ids[0]
+        examples = task.sft_examples or task.train
+        prompts = [task.encode_prompt(r["prompt"]) for r in examples]
+        answers = [task.tokenizer.encode(r["answer"]) + [eos] for r in examples]
+        sampler = make_sampler(config, model, task, num_rows=None)
+
+        def held_out_accuracy(m):
+            return evaluate(sampler, nnx_state(m), task, task.heldout[: config.eval.num_prompts],
+                            config, jax.random.key(0))["accuracy"]
+
+        t0 = time.perf_counter()
+        model, summary = sft.supervised_warm_start(
+            model, prompts, answers, steps=config.sft.steps, batch_size=config.sft.batch_size,
+            learning_rate=config.sft.learning_rate, pad_id=task.tokenizer.pad_id,
+            seed=config.seed, evaluate=held_out_accuracy, eval_every=config.sft.eval_every,
+            target_accuracy=config.sft.target_accuracy, log=log,
+        )
+        summary["sft_seconds"] = time.perf_counter() - t0
+        if jax.process_index() == 0:
+            models.save_pretrained(model, sft_dir)
+            with open(os.path.join(sft_dir, "sft_summary.json"), "w") as f:
+                json.dump(summary, f)
+    return model, summary
+
+
+def nnx_state(model: Any) -> Any:
+    from flax import nnx
+
+    return nnx.state(model, nnx.Param)
+
+
+def make_sampler(config: Any, model: Any, task: Task, num_rows: int | None) -> Sampler:
+    spec = bk.BucketSpec(
+        prompt_len_buckets=tuple(config.buckets.prompt_len),
+        row_buckets=(num_rows,) if num_rows else 64,
+        prompt_count_buckets=8,
+        max_new_tokens=task.max_new_tokens,
+    )
+    return Sampler(model, eos_ids=task.tokenizer.eos_ids, pad_id=task.tokenizer.pad_id,
+                   spec=spec)
+
+
+def _decode_rows(tokenizer: Any, rollouts: Any) -> list[str]:
+    return [
+        tokenizer.decode(rollouts.response_tokens[r, : rollouts.response_lengths[r]].tolist())
+        for r in range(rollouts.num_rows)
+    ]
+
+
+def evaluate(sampler: Sampler, params: Any, task: Task, records: list[dict[str, str]],
+             config: Any, key: jax.Array) -> dict[str, float]:
+    """Held-out accuracy: one sample per problem (greedy by default)."""
+    prompts = [task.encode_prompt(r["prompt"]) for r in records]
+    out = sampler.generate(
+        params, prompts, np.arange(len(records)), np.ones(len(records), np.int64), key,
+        temperature=config.sampling.temperature, greedy=config.eval.greedy,
+    )
+    texts = _decode_rows(task.tokenizer, out)
+    rows = np.flatnonzero(out.valid)
+    correct = task.verify([texts[r] for r in rows],
+                          [records[out.group_id[r]]["answer"] for r in rows])
+    return {"accuracy": float(np.mean(correct)) if len(rows) else 0.0}
+
+
+def _host_state(stats: PromptStats, policy: AllocationPolicy, iterator: PromptIterator,
+                step: int, config: Any) -> dict[str, Any]:
+    return {
+        "step": step,
+        "prompt_stats": stats.state_dict(),
+        "allocation_policy": policy.state_dict(),
+        "iterator": iterator.state(),
+        "config": config.to_json(),
+    }
+
+
+def train(config: Any, workdir: str, *, progress: bool = True,
+          log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Runs (or resumes) the RL job; returns a summary with held-out accuracy before/after."""
+    config_lib.validate(config)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    log = log or (lambda msg: print(msg, flush=True) if is_main else None)
+    if config.distributed.coordinator_address:
+        shd.initialize_distributed(config.distributed.coordinator_address,
+                                   config.distributed.num_processes,
+                                   config.distributed.process_id)
+    mesh = shd.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor)
+    compilation.install()
+
+    task = build_task(config, workdir)
+    model, sft_summary = build_model(config, task, workdir, mesh, log)
+    n_prompts = config.prompts_per_step
+    budget = n_prompts * config.rollouts_per_prompt
+    sampler = make_sampler(config, model, task, num_rows=budget)
+    eval_sampler = make_sampler(config, model, task, num_rows=None)
+
+    tx = ts.make_optimizer(config)
+    graphdef, rest, state = ts.init_train_state(model, tx, with_reference=config.loss.kl_coef > 0)
+    del model
+    settings = ts.StepSettings.from_config(config, num_groups=n_prompts)
+    step_fn = ts.TrainStep(graphdef, rest, tx, settings, ts.state_shardings(state),
+                           shd.batch_sharding(mesh))
+
+    stats = PromptStats()
+    policy = AllocationPolicy.from_config(config)
+    iterator = PromptIterator(task.train, batch_size=n_prompts, seed=config.data.seed)
+    index_of = {r["id"]: i for i, r in enumerate(task.train)}
+    checkpointer = ckpt_lib.RunCheckpointer(os.path.join(workdir, "checkpoints"),
+                                            keep=config.keep_checkpoints)
+    start_step = 0
+    restored = checkpointer.restore_latest(state)
+    if restored is not None:
+        state, host = restored
+        start_step = int(host["step"])
+        stats = PromptStats.from_state_dict(host["prompt_stats"])
+        policy.load_state_dict(host["allocation_policy"])
+        iterator.restore(host["iterator"])
+        log(f"resumed from {checkpointer.directory} at step {start_step}")
+
+    key = jax.random.key(config.seed)
+    heldout = task.heldout[: config.eval.num_prompts]
+    summary: dict[str, Any] = dict(sft_summary)
+    summary_path = os.path.join(workdir, "summary.json")
+    if start_step == 0:
+        summary["heldout_accuracy_before"] = evaluate(
+            eval_sampler, state.params, task, heldout, config, jax.random.fold_in(key, 2**31 - 1)
+        )["accuracy"]
+        log(f"held-out accuracy before RL: {summary['heldout_accuracy_before']:.3f}")
+    elif os.path.exists(summary_path):
+        summary.update(json.load(open(summary_path)))
+
+    writer = MetricsWriter(workdir, config.train.num_steps, start_step, progress=progress,
+                           enabled=is_main)
+    try:
+        for step in range(start_step, config.train.num_steps):
+            metrics, hist = _rl_step(config, step, key, state, step_fn, sampler, task, stats,
+                                     policy, iterator, index_of)
+            state = metrics.pop("_state")
+            if config.eval.every and (step + 1) % config.eval.every == 0:
+                metrics["eval_accuracy"] = evaluate(
+                    eval_sampler, state.params, task, heldout, config, jax.random.fold_in(key, 2**31 - 1)
+                )["accuracy"]
+            metrics["compilations"] = compilation.total_compilations()
+            if (step + 1) % config.log_every == 0 or step + 1 == config.train.num_steps:
+                writer.write(step, metrics, histograms=hist)
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.train.num_steps:
+                checkpointer.save(step + 1, state,
+                                  _host_state(stats, policy, iterator, step + 1, config))
+    finally:
+        writer.close()
+        checkpointer.close()
+
+    summary["heldout_accuracy_after"] = evaluate(
+        eval_sampler, state.params, task, heldout, config, jax.random.fold_in(key, 2**31 - 1)
+    )["accuracy"]
+    summary["steps"] = config.train.num_steps
+    log(f"held-out accuracy after RL:  {summary['heldout_accuracy_after']:.3f}")
+    if is_main:
+        with open(summary_path, "w") as f:
+            json.dump(summary, f, indent=2)
+        stats_path = os.path.join(workdir, "prompt_stats.csv")
+        with open(stats_path, "w") as f:
+            f.write(stats.to_table())
+    summary["final_state"] = state
+    return summary
+
+
+def _rl_step(config, step, key, state, step_fn, sampler, task, stats, policy, iterator,
+             index_of):
+    t0 = time.perf_counter()
+    records = next(iterator)
+    ids = [r["id"] for r in records]
+    n = policy.allocate(stats, ids, epoch=iterator.epoch)
+    prompts = [task.encode_prompt(r["prompt"]) for r in records]
+    step_key = jax.random.fold_in(key, step)
+    t1 = time.perf_counter()
+    out = sampler.generate(
+        state.params, prompts, np.array([index_of[i] for i in ids]), n,
+        jax.random.fold_in(step_key, 0), temperature=config.sampling.temperature,
+        top_p=config.sampling.top_p, top_k=config.sampling.top_k,
+    )
+    t2 = time.perf_counter()
+    texts = _decode_rows(task.tokenizer, out)
+    valid = out.valid
+    gid = out.group_id
+    answers = [records[g]["answer"] if v else "" for g, v in zip(gid, valid, strict=True)]
+    correct = task.verify(texts, answers) & valid
+    rewards = np.where(correct, config.advantage.correct_reward,
+                       config.advantage.incorrect_reward).astype(np.float32) * valid
+    per_group = np.bincount(gid[valid], weights=correct[valid], minlength=len(records))
+    stats.update(ids, n, per_group, decay=config.allocation.stats_decay)
+    t3 = time.perf_counter()
+
+    batch = ts.batch_from_rollouts(out.prompt_tokens, out.prompt_lengths, out.response_tokens,
+                                   out.response_mask, task.tokenizer.pad_id)
+    batch.update(rewards=rewards, group_ids=gid.astype(np.int32), valid=valid)
+    batch["old_logp"] = step_fn.logprobs(state.params, batch).logp
+    if state.ref_params is not None:
+        batch["ref_logp"] = step_fn.logprobs(state.ref_params, batch).logp
+    jax.block_until_ready(batch["old_logp"])
+    t4 = time.perf_counter()
+    state, m = step_fn.update(state, batch, jax.random.fold_in(step_key, 1))
+    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    t5 = time.perf_counter()
+
+    lengths = out.response_lengths[valid]
+    metrics = {
+        "reward": float(rewards[valid].mean()),
+        "accuracy": float(correct[valid].mean()),
+        "alloc_min": int(n.min()), "alloc_mean": float(n.mean()), "alloc_max": int(n.max()),
+        "response_length_mean": float(lengths.mean()),
+        "response_length_max": int(lengths.max()),
+        "truncation_rate": float(np.mean(out.finish_reason[valid] == FINISH_LENGTH)),
+        "time_data_s": t1 - t0, "time_sampling_s": t2 - t1, "time_verify_s": t3 - t2,
+        "time_logprobs_s": t4 - t3, "time_update_s": t5 - t4,
+        "tokens_per_s": float(out.response_mask.sum() / max(t5 - t0, 1e-9)),
+        **m,
+    }
+    metrics["_state"] = state
+    return metrics, {"allocation": n}

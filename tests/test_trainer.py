@@ -1,0 +1,108 @@
+"""End-to-end runs of `python -m experiments.train` on a tiny arithmetic config: the CLI, the
+metrics it writes, and resume after SIGKILL giving the same metrics as an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "--config.prompts_per_step=8", "--config.rollouts_per_prompt=4",
+    "--config.allocation.n_low=2", "--config.allocation.n_high=8",
+    "--config.model.architecture.hidden_size=32", "--config.model.architecture.intermediate_size=64",
+    "--config.model.architecture.num_hidden_layers=2",
+    "--config.data.num_train=64", "--config.data.num_heldout=16", "--config.eval.num_prompts=16",
+    "--config.sft.steps=10", "--config.sft.target_accuracy=0.0", "--config.sft.num_examples=200",
+    "--config.train.num_steps=6", "--config.train.num_minibatches=2",
+    "--config.train.micro_batch_rows=8", "--config.checkpoint_every=2", "--config.eval.every=3",
+    "--config.optim.learning_rate=1e-3",
+]
+VOLATILE = ("time_", "tokens_per_s", "compilations")
+
+
+def command(workdir, *extra):
+    return [sys.executable, "-m", "experiments.train", "--config", "configs/arith_tiny.py",
+            "--workdir", str(workdir), "--no_progress", *TINY, *extra]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = dict(os.environ)
+    e.pop("XLA_FLAGS", None)  # one device, as a user would run it
+    e["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
+    e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    e["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    return e
+
+
+def read_metrics(workdir):
+    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, env):
+    workdir = tmp_path_factory.mktemp("run_a")
+    proc = subprocess.run(command(workdir), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir, proc
+
+
+def test_run_writes_metrics_checkpoints_and_summary(uninterrupted):
+    workdir, proc = uninterrupted
+    rows = read_metrics(workdir)
+    assert [r["step"] for r in rows] == list(range(6))
+    for key in ("reward", "accuracy", "zero_variance_frac", "alloc_min", "alloc_max", "entropy",
+                "clip_frac_low", "clip_frac_high", "approx_kl", "grad_norm",
+                "beta_comp_pos_mean", "beta_stab_mean", "response_length_mean",
+                "truncation_rate"):
+        assert key in rows[0], key
+    assert "eval_accuracy" in rows[2] and "eval_accuracy" in rows[5]
+    assert all(r["alloc_mean"] == 4.0 for r in rows)  # sum n_i = B every step
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert {"heldout_accuracy_before", "heldout_accuracy_after"} <= set(summary)
+    assert "held-out accuracy:" in proc.stdout
+    assert sorted(os.listdir(workdir / "checkpoints"))[-1] == "6"
+    assert (workdir / "prompt_stats.csv").read_text().startswith("id,")
+    assert any(f.startswith("events") for f in os.listdir(workdir / "tensorboard"))
+
+
+def test_resume_after_sigkill_reproduces_metrics(uninterrupted, tmp_path, env):
+    workdir_a, _ = uninterrupted
+    workdir = tmp_path / "run_b"
+    proc = subprocess.Popen(command(workdir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = len(metrics.read_text().splitlines())
+    assert killed_at < 6
+    again = subprocess.run(command(workdir), cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout
+    assert read_metrics(workdir) == read_metrics(workdir_a)
+
+
+def test_help_and_config_errors(env):
+    help_out = subprocess.run([sys.executable, "-m", "experiments.train", "--help"], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=120)
+    assert "--workdir" in help_out.stdout and "resumes" in help_out.stdout
+    bad = subprocess.run(command("/nonexistent/never", "--config.allocation.n_low=9"), cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0
+    assert "allocation.n_low = 9" in bad.stderr and "[72, 64]" in bad.stderr
+    assert not Path("/nonexistent/never").exists()
