@@ -416,7 +416,7 @@ class TrainStep:
     def logprobs(self, params: Any, batch: Batch) -> losses.TokenStats:
         """Per-token log-probs/entropy of `batch["targets"]` under `params` (no gradient)."""
         keys = ("input_ids", "positions", "attention_mask", "targets")
-        return self._logprobs(params, {k: batch[k] for k in keys})
+        return self._logprobs(params, self.put_batch({k: batch[k] for k in keys}))
 
     def update(self, state: TrainState, batch: Batch, key: jax.Array):
         """One RL update: returns (new_state, metrics). `state` is donated."""
@@ -427,7 +427,23 @@ class TrainStep:
                 f"batch has {rows} rows, which train.num_minibatches * train.micro_batch_rows = "
                 f"{s.num_minibatches} * {s.micro_batch_rows} must divide"
             )
-        return self._update(state, batch, key)
+        return self._update(state, self.put_batch(batch), key)
+
+    def put_batch(self, batch: Batch) -> Batch:
+        """Host arrays -> global device arrays split over the row axis. Every process passes the
+        same full host batch (it is built from the same seeded data on every host) and keeps
+        only its own shards: this is what makes the step work multi-host. Device arrays pass
+        through unchanged."""
+        if self.batch_sharding is None:
+            return batch
+
+        def put(x):
+            if isinstance(x, jax.Array):
+                return x
+            x = np.asarray(x)
+            return jax.make_array_from_callback(x.shape, self.batch_sharding, lambda i: x[i])
+
+        return {k: put(v) for k, v in batch.items()}
 
 
 def batch_from_rollouts(
