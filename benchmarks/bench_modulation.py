@@ -38,6 +38,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--head", action="store_true",
+                        help="also compare with the LM head in the graph")
+    parser.add_argument("--head_rows", type=int, default=32)
+    parser.add_argument("--head_tokens", type=int, default=256)
+    parser.add_argument("--head_hidden", type=int, default=256)
+    parser.add_argument("--head_vocab", type=int, default=8192)
     args = parser.parse_args()
     rows, length = args.rows, args.tokens
 
@@ -78,6 +84,42 @@ def main() -> None:
           f"{t_voc / t_loss:8.2f}")
     print(f"modulation overhead: {100 * (t_mod / t_loss - 1):.1f}% (sequence), "
           f"{100 * (t_voc / t_loss - 1):.1f}% (vocab)")
+    if args.head:
+        head_comparison(args.head_rows, args.head_tokens, args.head_hidden, args.head_vocab,
+                        args.repeats)
+
+
+def head_comparison(rows: int, length: int, hidden: int, vocab: int, repeats: int) -> None:
+    """The same comparison with the LM-head log-probs/entropy in the graph, as in a train step
+    (the transformer body excluded): what modulation costs relative to the loss computation a
+    user actually runs."""
+    keys = jax.random.split(jax.random.key(1), 5)
+    h = jax.random.normal(keys[0], (rows, length, hidden)) / hidden**0.5
+    w = jax.random.normal(keys[1], (hidden, vocab))
+    targets = jax.random.randint(keys[2], (rows, length), 0, vocab)
+    adv = jax.random.normal(keys[3], (rows,))
+    mask = jnp.ones((rows, length))
+    old_logp = losses.token_logprobs_and_entropy(h, w, targets, 1.0, 64).logp - 0.01
+
+    def head_loss(hh, modulate):
+        stats = losses.token_logprobs_and_entropy(hh, w, targets, 1.0, 64)
+        a = adv
+        if modulate:
+            a, _ = modulation.modulate_advantages(adv, stats.entropy, stats.logp, old_logp, mask)
+        s, n, _ = losses.policy_loss(stats.logp, old_logp, a, mask)
+        return losses.loss_value(s, n)
+
+    fns = {
+        "plain": jax.jit(jax.grad(lambda hh: head_loss(hh, False))),
+        "modulated": jax.jit(jax.grad(lambda hh: head_loss(hh, True))),
+    }
+    t = timeit_interleaved(fns, h, repeats=repeats)
+    print(f"\nwith the LM head in the graph: rows={rows}, tokens={length}, hidden={hidden}, "
+          f"vocab={vocab}")
+    print(f"{'head log-probs + policy_loss':44s} {t['plain'] * 1e3:9.1f} {1.0:8.2f}")
+    print(f"{'head log-probs + modulation + policy_loss':44s} {t['modulated'] * 1e3:9.1f} "
+          f"{t['modulated'] / t['plain']:8.2f}")
+    print(f"modulation overhead with the head: {100 * (t['modulated'] / t['plain'] - 1):.1f}%")
 
 
 if __name__ == "__main__":
