@@ -38,8 +38,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--head", action="store_true",
-                        help="also compare with the LM head in the graph")
+    parser.add_argument(
+        "--head", action="store_true", help="also compare with the LM head in the graph"
+    )
     parser.add_argument("--head_rows", type=int, default=32)
     parser.add_argument("--head_tokens", type=int, default=256)
     parser.add_argument("--head_hidden", type=int, default=256)
@@ -78,15 +79,22 @@ def main() -> None:
     print(f"device: {jax.devices()[0].device_kind}, rows={rows}, tokens={length}")
     print(f"{'computation (fwd+bwd)':44s} {'ms':>9s} {'vs loss':>8s}")
     print(f"{'policy_loss alone':44s} {t_loss * 1e3:9.1f} {1.0:8.2f}")
-    print(f"{'modulate_advantages + policy_loss (sequence)':44s} {t_mod * 1e3:9.1f} "
-          f"{t_mod / t_loss:8.2f}")
-    print(f"{'modulate_advantages + policy_loss (vocab)':44s} {t_voc * 1e3:9.1f} "
-          f"{t_voc / t_loss:8.2f}")
-    print(f"modulation overhead: {100 * (t_mod / t_loss - 1):.1f}% (sequence), "
-          f"{100 * (t_voc / t_loss - 1):.1f}% (vocab)")
+    print(
+        f"{'modulate_advantages + policy_loss (sequence)':44s} {t_mod * 1e3:9.1f} "
+        f"{t_mod / t_loss:8.2f}"
+    )
+    print(
+        f"{'modulate_advantages + policy_loss (vocab)':44s} {t_voc * 1e3:9.1f} "
+        f"{t_voc / t_loss:8.2f}"
+    )
+    print(
+        f"modulation overhead: {100 * (t_mod / t_loss - 1):.1f}% (sequence), "
+        f"{100 * (t_voc / t_loss - 1):.1f}% (vocab)"
+    )
     if args.head:
-        head_comparison(args.head_rows, args.head_tokens, args.head_hidden, args.head_vocab,
-                        args.repeats)
+        head_comparison(
+            args.head_rows, args.head_tokens, args.head_hidden, args.head_vocab, args.repeats
+        )
 
 
 def head_comparison(rows: int, length: int, hidden: int, vocab: int, repeats: int) -> None:
@@ -114,11 +122,15 @@ def head_comparison(rows: int, length: int, hidden: int, vocab: int, repeats: in
         "modulated": jax.jit(jax.grad(lambda hh: head_loss(hh, True))),
     }
     t = timeit_interleaved(fns, h, repeats=repeats)
-    print(f"\nwith the LM head in the graph: rows={rows}, tokens={length}, hidden={hidden}, "
-          f"vocab={vocab}")
+    print(
+        f"\nwith the LM head in the graph: rows={rows}, tokens={length}, hidden={hidden}, "
+        f"vocab={vocab}"
+    )
     print(f"{'head log-probs + policy_loss':44s} {t['plain'] * 1e3:9.1f} {1.0:8.2f}")
-    print(f"{'head log-probs + modulation + policy_loss':44s} {t['modulated'] * 1e3:9.1f} "
-          f"{t['modulated'] / t['plain']:8.2f}")
+    print(
+        f"{'head log-probs + modulation + policy_loss':44s} {t['modulated'] * 1e3:9.1f} "
+        f"{t['modulated'] / t['plain']:8.2f}"
+    )
     print(f"modulation overhead with the head: {100 * (t['modulated'] / t['plain'] - 1):.1f}%")
 
 

@@ -19,9 +19,16 @@ def get_config():
     c.allocation.n_high = 16
 
     c.model.architecture = dict(
-        model_type="qwen2", hidden_size=128, intermediate_size=384, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True,
+        model_type="qwen2",
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
     )
     c.data.task = "arithmetic"
     c.data.num_train = 2000
@@ -30,15 +37,15 @@ def get_config():
     c.sampling.max_new_tokens = 8
 
     c.sft.steps = 1500
-    c.sft.batch_size = 64
+    c.sft.batch_size = 256
     c.sft.learning_rate = 3e-3
-    c.sft.target_accuracy = 0.4
+    c.sft.target_accuracy = 0.3
     c.sft.eval_every = 100
 
-    c.train.num_steps = 200
+    c.train.num_steps = 300
     c.train.num_minibatches = 2
     c.train.micro_batch_rows = 64
-    c.optim.learning_rate = 2e-5
+    c.optim.learning_rate = 1e-4
     c.optim.warmup_steps = 5
     c.optim.weight_decay = 0.0
     c.loss.logits_chunk_size = 8

@@ -149,11 +149,12 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 0  # RL steps between held-out evaluations; 0 = only before and after
     c.eval.num_prompts = 200
-    c.eval.greedy = True
+    c.eval.greedy = False
+    c.eval.samples_per_prompt = 4  # Pass@1 = mean accuracy over these samples
 
     c.sft = ml_collections.ConfigDict()  # supervised warm start (synthetic tasks)
     c.sft.steps = 0
-    c.sft.num_examples = 10000  # synthetic tasks: size of the warm-start pool
+    c.sft.num_examples = 6000  # synthetic tasks: size of the warm-start pool
     c.sft.batch_size = 64
     c.sft.learning_rate = 3e-3
     c.sft.target_accuracy = 0.0  # stop early once held-out greedy accuracy reaches this
@@ -365,6 +366,8 @@ def validate(config: Any, schema: Any = None) -> None:
         f"mesh (data, fsdp, tensor) = {tuple(mesh_sizes)}: each must be >= 1, at most one -1.",
     )
     need(len(get("buckets.prompt_len")) >= 1, "buckets.prompt_len must list >= 1 length.")
+    need(get("eval.samples_per_prompt") >= 1, "eval.samples_per_prompt must be >= 1.")
+    need(get("eval.num_prompts") >= 1, "eval.num_prompts must be >= 1.")
 
     if errors:
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))

@@ -58,13 +58,15 @@ class MetricsWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(os.fspath(workdir), "tensorboard"),
-                                     purge_step=start_step)
+            self._tb = SummaryWriter(
+                os.path.join(os.fspath(workdir), "tensorboard"), purge_step=start_step
+            )
         if progress:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=start_step, desc="RL", unit="step",
-                             dynamic_ncols=True)
+            self._bar = tqdm(
+                total=total_steps, initial=start_step, desc="RL", unit="step", dynamic_ncols=True
+            )
 
     def write(
         self,
@@ -86,8 +88,7 @@ class MetricsWriter:
             self._tb.flush()
         if self._bar is not None:
             self._bar.update(1)
-            shown = {k: f"{record[k]:.3g}" for k in PROGRESS_KEYS
-                     if record.get(k) is not None}
+            shown = {k: f"{record[k]:.3g}" for k in PROGRESS_KEYS if record.get(k) is not None}
             self._bar.set_postfix(shown, refresh=False)
 
     def log_text(self, message: str) -> None:

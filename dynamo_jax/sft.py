@@ -20,8 +20,11 @@ from dynamo_jax import train_step as ts
 
 
 def pack_examples(
-    prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], prompt_len: int,
-    answer_len: int, pad_id: int,
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+    prompt_len: int,
+    answer_len: int,
+    pad_id: int,
 ) -> dict[str, np.ndarray]:
     """Token lists -> packed batch (answers already end with EOS). Errors name the example."""
     rows = len(prompts)
@@ -73,8 +76,9 @@ def supervised_warm_start(
     prompt_len = max(len(p) for p in prompts)
     answer_len = max(len(a) for a in answers)
     tx = optax.adamw(
-        optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(50, steps // 10 + 1),
-                                           max(steps, 1)),
+        optax.warmup_cosine_decay_schedule(
+            0.0, learning_rate, min(50, steps // 10 + 1), max(steps, 1)
+        ),
         weight_decay=0.0,
     )
     opt_state = tx.init(params)
@@ -85,18 +89,24 @@ def supervised_warm_start(
     losses, accuracy, done = [], None, 0
     for step in range(steps):
         idx = rng.choice(n, size=batch_size, replace=n < batch_size)
-        batch = pack_examples([prompts[i] for i in idx], [answers[i] for i in idx], prompt_len,
-                              answer_len, pad_id)
+        batch = pack_examples(
+            [prompts[i] for i in idx], [answers[i] for i in idx], prompt_len, answer_len, pad_id
+        )
         params, opt_state, loss = step_fn(params, opt_state, batch)
         losses.append(float(loss))
         done = step + 1
         if evaluate is not None and target_accuracy > 0 and done % eval_every == 0:
             nnx.update(model, params)
             accuracy = evaluate(model)
-            log(f"sft step {done}: loss {np.mean(losses[-eval_every:]):.4f}, "
-                f"held-out accuracy {accuracy:.3f}")
+            log(
+                f"sft step {done}: loss {np.mean(losses[-eval_every:]):.4f}, "
+                f"held-out accuracy {accuracy:.3f}"
+            )
             if accuracy >= target_accuracy:
                 break
     nnx.update(model, params)
-    return model, {"sft_steps": done, "sft_final_loss": float(np.mean(losses[-10:])),
-                   "sft_accuracy": accuracy}
+    return model, {
+        "sft_steps": done,
+        "sft_final_loss": float(np.mean(losses[-10:])),
+        "sft_accuracy": accuracy,
+    }

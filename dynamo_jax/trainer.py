@@ -69,23 +69,37 @@ def build_task(config: Any, workdir: str) -> Task:
         path = config.tokenizer.path or os.path.join(workdir, "tokenizer", "arith_sp.model")
         if not os.path.exists(path):
             path = arithmetic.train_tokenizer(train, os.path.dirname(path))
-        # A separate, larger pool for the warm start (held-out prompts excluded), so the model
-        # learns the skill rather than memorising the RL prompts.
-        sft_pool = arithmetic.make_problems(
-            config.sft.num_examples, config.data.seed, "sft",
-            exclude={r["prompt"] for r in heldout},
-        ) if config.sft.steps > 0 else None
-        return Task(train, heldout, load_tokenizer(path), arithmetic.verify,
-                    config.sampling.max_new_tokens, sft_pool)
+        # A separate pool for the warm start, disjoint from the RL and held-out prompts: RL then
+        # works on problems the model has not memorised, like the held-out ones.
+        sft_pool = (
+            arithmetic.make_problems(
+                config.sft.num_examples,
+                config.data.seed,
+                "sft",
+                exclude={r["prompt"] for r in heldout + train},
+            )
+            if config.sft.steps > 0
+            else None
+        )
+        return Task(
+            train,
+            heldout,
+            load_tokenizer(path),
+            arithmetic.verify,
+            config.sampling.max_new_tokens,
+            sft_pool,
+        )
     raise ValueError(
         f"data.task = {config.data.task!r} is not wired into the trainer yet; use 'arithmetic'."
     )
 
 
 def _hf_architecture(config: Any, tokenizer: Any) -> dict[str, Any]:
-    arch = dict(config.model.architecture.to_dict() if hasattr(config.model.architecture,
-                                                               "to_dict")
-                else config.model.architecture)
+    arch = dict(
+        config.model.architecture.to_dict()
+        if hasattr(config.model.architecture, "to_dict")
+        else config.model.architecture
+    )
     arch.setdefault("vocab_size", int(tokenizer.vocab_size))
     if arch["vocab_size"] < tokenizer.vocab_size:
         raise ValueError(
@@ -102,19 +116,31 @@ def build_model(config: Any, task: Task, workdir: str, mesh: Any, log: Callable[
     dtype = _DTYPES[config.model.dtype]
     param_dtype = _DTYPES[config.model.param_dtype]
     if config.model.path:
-        return models.load_pretrained(config.model.path, dtype=dtype, param_dtype=param_dtype,
-                                      mesh=mesh, remat=config.model.remat), {}
+        return models.load_pretrained(
+            config.model.path,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            mesh=mesh,
+            remat=config.model.remat,
+        ), {}
     sft_dir = os.path.join(workdir, "sft_model")
     if os.path.exists(os.path.join(sft_dir, "config.json")):
         log(f"loading the cached supervised warm start from {sft_dir}")
-        model = models.load_pretrained(sft_dir, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
-                                       remat=config.model.remat)
+        model = models.load_pretrained(
+            sft_dir, dtype=dtype, param_dtype=param_dtype, mesh=mesh, remat=config.model.remat
+        )
         summary_path = os.path.join(sft_dir, "sft_summary.json")
         summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
         return model, summary
     model_cfg = models.ModelConfig.from_hf_dict(_hf_architecture(config, task.tokenizer))
-    model = models.init_model(model_cfg, config.model.seed, dtype=dtype,
-                              param_dtype=param_dtype, mesh=mesh, remat=config.model.remat)
+    model = models.init_model(
+        model_cfg,
+        config.model.seed,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        mesh=mesh,
+        remat=config.model.remat,
+    )
     summary: dict[str, Any] = {}
     if config.sft.steps > 0:
         from dynamo_jax import sft
@@ -126,15 +152,29 @@ def build_model(config: Any, task: Task, workdir: str, mesh: Any, log: Callable[
         sampler = make_sampler(config, model, task, num_rows=None)
 
         def held_out_accuracy(m):
-            return evaluate(sampler, nnx_state(m), task, task.heldout[: config.eval.num_prompts],
-                            config, jax.random.key(0))["accuracy"]
+            return evaluate(
+                sampler,
+                nnx_state(m),
+                task,
+                task.heldout[: config.eval.num_prompts],
+                config,
+                jax.random.key(0),
+            )["accuracy"]
 
         t0 = time.perf_counter()
         model, summary = sft.supervised_warm_start(
-            model, prompts, answers, steps=config.sft.steps, batch_size=config.sft.batch_size,
-            learning_rate=config.sft.learning_rate, pad_id=task.tokenizer.pad_id,
-            seed=config.seed, evaluate=held_out_accuracy, eval_every=config.sft.eval_every,
-            target_accuracy=config.sft.target_accuracy, log=log,
+            model,
+            prompts,
+            answers,
+            steps=config.sft.steps,
+            batch_size=config.sft.batch_size,
+            learning_rate=config.sft.learning_rate,
+            pad_id=task.tokenizer.pad_id,
+            seed=config.seed,
+            evaluate=held_out_accuracy,
+            eval_every=config.sft.eval_every,
+            target_accuracy=config.sft.target_accuracy,
+            log=log,
         )
         summary["sft_seconds"] = time.perf_counter() - t0
         if jax.process_index() == 0:
@@ -157,8 +197,7 @@ def make_sampler(config: Any, model: Any, task: Task, num_rows: int | None) -> S
         prompt_count_buckets=8,
         max_new_tokens=task.max_new_tokens,
     )
-    return Sampler(model, eos_ids=task.tokenizer.eos_ids, pad_id=task.tokenizer.pad_id,
-                   spec=spec)
+    return Sampler(model, eos_ids=task.tokenizer.eos_ids, pad_id=task.tokenizer.pad_id, spec=spec)
 
 
 def _decode_rows(tokenizer: Any, rollouts: Any) -> list[str]:
@@ -168,23 +207,38 @@ def _decode_rows(tokenizer: Any, rollouts: Any) -> list[str]:
     ]
 
 
-def evaluate(sampler: Sampler, params: Any, task: Task, records: list[dict[str, str]],
-             config: Any, key: jax.Array) -> dict[str, float]:
-    """Held-out accuracy: one sample per problem (greedy by default)."""
+def evaluate(
+    sampler: Sampler,
+    params: Any,
+    task: Task,
+    records: list[dict[str, str]],
+    config: Any,
+    key: jax.Array,
+) -> dict[str, float]:
+    """Held-out accuracy (Pass@1): the mean over `eval.samples_per_prompt` samples per problem
+    at the sampling temperature (or one greedy answer with `eval.greedy`)."""
     prompts = [task.encode_prompt(r["prompt"]) for r in records]
+    k = 1 if config.eval.greedy else config.eval.samples_per_prompt
     out = sampler.generate(
-        params, prompts, np.arange(len(records)), np.ones(len(records), np.int64), key,
-        temperature=config.sampling.temperature, greedy=config.eval.greedy,
+        params,
+        prompts,
+        np.arange(len(records)),
+        np.full(len(records), k, np.int64),
+        key,
+        temperature=config.sampling.temperature,
+        greedy=config.eval.greedy,
     )
     texts = _decode_rows(task.tokenizer, out)
     rows = np.flatnonzero(out.valid)
-    correct = task.verify([texts[r] for r in rows],
-                          [records[out.group_id[r]]["answer"] for r in rows])
+    correct = task.verify(
+        [texts[r] for r in rows], [records[out.group_id[r]]["answer"] for r in rows]
+    )
     return {"accuracy": float(np.mean(correct)) if len(rows) else 0.0}
 
 
-def _host_state(stats: PromptStats, policy: AllocationPolicy, iterator: PromptIterator,
-                step: int, config: Any) -> dict[str, Any]:
+def _host_state(
+    stats: PromptStats, policy: AllocationPolicy, iterator: PromptIterator, step: int, config: Any
+) -> dict[str, Any]:
     return {
         "step": step,
         "prompt_stats": stats.state_dict(),
@@ -194,8 +248,9 @@ def _host_state(stats: PromptStats, policy: AllocationPolicy, iterator: PromptIt
     }
 
 
-def train(config: Any, workdir: str, *, progress: bool = True,
-          log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def train(
+    config: Any, workdir: str, *, progress: bool = True, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """Runs (or resumes) the RL job; returns a summary with held-out accuracy before/after."""
     config_lib.validate(config)
     workdir = os.path.abspath(workdir)
@@ -203,9 +258,11 @@ def train(config: Any, workdir: str, *, progress: bool = True,
     is_main = jax.process_index() == 0
     log = log or (lambda msg: print(msg, flush=True) if is_main else None)
     if config.distributed.coordinator_address:
-        shd.initialize_distributed(config.distributed.coordinator_address,
-                                   config.distributed.num_processes,
-                                   config.distributed.process_id)
+        shd.initialize_distributed(
+            config.distributed.coordinator_address,
+            config.distributed.num_processes,
+            config.distributed.process_id,
+        )
     mesh = shd.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor)
     compilation.install()
 
@@ -220,15 +277,17 @@ def train(config: Any, workdir: str, *, progress: bool = True,
     graphdef, rest, state = ts.init_train_state(model, tx, with_reference=config.loss.kl_coef > 0)
     del model
     settings = ts.StepSettings.from_config(config, num_groups=n_prompts)
-    step_fn = ts.TrainStep(graphdef, rest, tx, settings, ts.state_shardings(state),
-                           shd.batch_sharding(mesh))
+    step_fn = ts.TrainStep(
+        graphdef, rest, tx, settings, ts.state_shardings(state), shd.batch_sharding(mesh)
+    )
 
     stats = PromptStats()
     policy = AllocationPolicy.from_config(config)
     iterator = PromptIterator(task.train, batch_size=n_prompts, seed=config.data.seed)
     index_of = {r["id"]: i for i, r in enumerate(task.train)}
-    checkpointer = ckpt_lib.RunCheckpointer(os.path.join(workdir, "checkpoints"),
-                                            keep=config.keep_checkpoints)
+    checkpointer = ckpt_lib.RunCheckpointer(
+        os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints
+    )
     start_step = 0
     restored = checkpointer.restore_latest(state)
     if restored is not None:
@@ -251,23 +310,31 @@ def train(config: Any, workdir: str, *, progress: bool = True,
     elif os.path.exists(summary_path):
         summary.update(json.load(open(summary_path)))
 
-    writer = MetricsWriter(workdir, config.train.num_steps, start_step, progress=progress,
-                           enabled=is_main)
+    writer = MetricsWriter(
+        workdir, config.train.num_steps, start_step, progress=progress, enabled=is_main
+    )
     try:
         for step in range(start_step, config.train.num_steps):
-            metrics, hist = _rl_step(config, step, key, state, step_fn, sampler, task, stats,
-                                     policy, iterator, index_of)
+            metrics, hist = _rl_step(
+                config, step, key, state, step_fn, sampler, task, stats, policy, iterator, index_of
+            )
             state = metrics.pop("_state")
             if config.eval.every and (step + 1) % config.eval.every == 0:
                 metrics["eval_accuracy"] = evaluate(
-                    eval_sampler, state.params, task, heldout, config, jax.random.fold_in(key, 2**31 - 1)
+                    eval_sampler,
+                    state.params,
+                    task,
+                    heldout,
+                    config,
+                    jax.random.fold_in(key, 2**31 - 1),
                 )["accuracy"]
             metrics["compilations"] = compilation.total_compilations()
             if (step + 1) % config.log_every == 0 or step + 1 == config.train.num_steps:
                 writer.write(step, metrics, histograms=hist)
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.train.num_steps:
-                checkpointer.save(step + 1, state,
-                                  _host_state(stats, policy, iterator, step + 1, config))
+                checkpointer.save(
+                    step + 1, state, _host_state(stats, policy, iterator, step + 1, config)
+                )
     finally:
         writer.close()
         checkpointer.close()
@@ -287,8 +354,7 @@ def train(config: Any, workdir: str, *, progress: bool = True,
     return summary
 
 
-def _rl_step(config, step, key, state, step_fn, sampler, task, stats, policy, iterator,
-             index_of):
+def _rl_step(config, step, key, state, step_fn, sampler, task, stats, policy, iterator, index_of):
     t0 = time.perf_counter()
     records = next(iterator)
     ids = [r["id"] for r in records]
@@ -297,9 +363,14 @@ def _rl_step(config, step, key, state, step_fn, sampler, task, stats, policy, it
     step_key = jax.random.fold_in(key, step)
     t1 = time.perf_counter()
     out = sampler.generate(
-        state.params, prompts, np.array([index_of[i] for i in ids]), n,
-        jax.random.fold_in(step_key, 0), temperature=config.sampling.temperature,
-        top_p=config.sampling.top_p, top_k=config.sampling.top_k,
+        state.params,
+        prompts,
+        np.array([index_of[i] for i in ids]),
+        n,
+        jax.random.fold_in(step_key, 0),
+        temperature=config.sampling.temperature,
+        top_p=config.sampling.top_p,
+        top_k=config.sampling.top_k,
     )
     t2 = time.perf_counter()
     texts = _decode_rows(task.tokenizer, out)
@@ -307,14 +378,23 @@ def _rl_step(config, step, key, state, step_fn, sampler, task, stats, policy, it
     gid = out.group_id
     answers = [records[g]["answer"] if v else "" for g, v in zip(gid, valid, strict=True)]
     correct = task.verify(texts, answers) & valid
-    rewards = np.where(correct, config.advantage.correct_reward,
-                       config.advantage.incorrect_reward).astype(np.float32) * valid
+    rewards = (
+        np.where(
+            correct, config.advantage.correct_reward, config.advantage.incorrect_reward
+        ).astype(np.float32)
+        * valid
+    )
     per_group = np.bincount(gid[valid], weights=correct[valid], minlength=len(records))
     stats.update(ids, n, per_group, decay=config.allocation.stats_decay)
     t3 = time.perf_counter()
 
-    batch = ts.batch_from_rollouts(out.prompt_tokens, out.prompt_lengths, out.response_tokens,
-                                   out.response_mask, task.tokenizer.pad_id)
+    batch = ts.batch_from_rollouts(
+        out.prompt_tokens,
+        out.prompt_lengths,
+        out.response_tokens,
+        out.response_mask,
+        task.tokenizer.pad_id,
+    )
     batch.update(rewards=rewards, group_ids=gid.astype(np.int32), valid=valid)
     batch["old_logp"] = step_fn.logprobs(state.params, batch).logp
     if state.ref_params is not None:
@@ -329,12 +409,17 @@ def _rl_step(config, step, key, state, step_fn, sampler, task, stats, policy, it
     metrics = {
         "reward": float(rewards[valid].mean()),
         "accuracy": float(correct[valid].mean()),
-        "alloc_min": int(n.min()), "alloc_mean": float(n.mean()), "alloc_max": int(n.max()),
+        "alloc_min": int(n.min()),
+        "alloc_mean": float(n.mean()),
+        "alloc_max": int(n.max()),
         "response_length_mean": float(lengths.mean()),
         "response_length_max": int(lengths.max()),
         "truncation_rate": float(np.mean(out.finish_reason[valid] == FINISH_LENGTH)),
-        "time_data_s": t1 - t0, "time_sampling_s": t2 - t1, "time_verify_s": t3 - t2,
-        "time_logprobs_s": t4 - t3, "time_update_s": t5 - t4,
+        "time_data_s": t1 - t0,
+        "time_sampling_s": t2 - t1,
+        "time_verify_s": t3 - t2,
+        "time_logprobs_s": t4 - t3,
+        "time_update_s": t5 - t4,
         "tokens_per_s": float(out.response_mask.sum() / max(t5 - t0, 1e-9)),
         **m,
     }

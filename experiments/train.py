@@ -18,12 +18,16 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (a Python file with get_config()).",
+    "config",
+    None,
+    "Experiment config file (a Python file with get_config()).",
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Directory for checkpoints, metrics and the cached warm start; a run "
-    "started again with the same workdir resumes."
+    "workdir",
+    None,
+    "Directory for checkpoints, metrics and the cached warm start; a run "
+    "started again with the same workdir resumes.",
 )
 _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the console progress bar.")
 flags.mark_flags_as_required(["config", "workdir"])

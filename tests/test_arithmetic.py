@@ -39,9 +39,16 @@ def test_problem_set_is_the_same_in_every_process():
     import subprocess
     import sys
 
-    code = ("from dynamo_jax.tasks.arithmetic import make_splits; "
-            "print(make_splits(0, 50, 10)[0][-1])")
-    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout
-            for seed in ("1", "2")}
+    code = (
+        "from dynamo_jax.tasks.arithmetic import make_splits; print(make_splits(0, 50, 10)[0][-1])"
+    )
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env={"PYTHONHASHSEED": seed, "PATH": ""},
+        ).stdout
+        for seed in ("1", "2")
+    }
     assert len(outs) == 1 and "arith-train-00049" in outs.pop()

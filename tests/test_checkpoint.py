@@ -8,8 +8,12 @@ from dynamo_jax.checkpoint import RunCheckpointer, from_jsonable, to_jsonable
 
 
 def test_json_round_trip_is_exact():
-    tree = {"a": np.array([0.1, 1 / 3, 1e-300]), "b": np.array(["x", "yy"]), "c": [1, 2.5],
-            "d": np.int64(7)}
+    tree = {
+        "a": np.array([0.1, 1 / 3, 1e-300]),
+        "b": np.array(["x", "yy"]),
+        "c": [1, 2.5],
+        "d": np.int64(7),
+    }
     back = from_jsonable(to_jsonable(tree))
     np.testing.assert_array_equal(back["a"], tree["a"])
     assert back["a"].dtype == np.float64 and list(back["b"]) == ["x", "yy"]
@@ -19,15 +23,21 @@ def test_json_round_trip_is_exact():
 def test_save_restore_keeps_last_k_and_shardings(tmp_path):
     mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", "tensor"))
-    state = {"w": jax.device_put(jnp.arange(32.0).reshape(4, 8), sharding),
-             "step": jnp.int32(3)}
+    state = {"w": jax.device_put(jnp.arange(32.0).reshape(4, 8), sharding), "step": jnp.int32(3)}
     stats = PromptStats()
     stats.update(["p1", "p2"], [8, 4], [3, 1], decay=0.9)
     stats.update(["p1"], [8], [5], decay=0.9)
     ckpt = RunCheckpointer(tmp_path / "ckpt", keep=2)
     for step in (1, 2, 3):
-        ckpt.save(step, state, {"step": step, "prompt_stats": stats.state_dict(),
-                                "iterator": {"epoch": 0, "position": step}})
+        ckpt.save(
+            step,
+            state,
+            {
+                "step": step,
+                "prompt_stats": stats.state_dict(),
+                "iterator": {"epoch": 0, "position": step},
+            },
+        )
     assert ckpt.all_steps() == [2, 3] and ckpt.latest_step() == 3
     ckpt.close()
 

@@ -8,8 +8,11 @@ from dynamo_jax.metrics import MetricsWriter, read_jsonl
 def test_jsonl_tensorboard_and_resume_truncation(tmp_path):
     w = MetricsWriter(tmp_path, total_steps=5, progress=False)
     for step in range(4):
-        w.write(step, {"reward": 0.1 * step, "nan_metric": float("nan")},
-                histograms={"allocation": np.array([4, 8, 12])})
+        w.write(
+            step,
+            {"reward": 0.1 * step, "nan_metric": float("nan")},
+            histograms={"allocation": np.array([4, 8, 12])},
+        )
     w.close()
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2, 3]

@@ -13,22 +13,42 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "--config.prompts_per_step=8", "--config.rollouts_per_prompt=4",
-    "--config.allocation.n_low=2", "--config.allocation.n_high=8",
-    "--config.model.architecture.hidden_size=32", "--config.model.architecture.intermediate_size=64",
+    "--config.prompts_per_step=8",
+    "--config.rollouts_per_prompt=4",
+    "--config.allocation.n_low=2",
+    "--config.allocation.n_high=8",
+    "--config.model.architecture.hidden_size=32",
+    "--config.model.architecture.intermediate_size=64",
     "--config.model.architecture.num_hidden_layers=2",
-    "--config.data.num_train=64", "--config.data.num_heldout=16", "--config.eval.num_prompts=16",
-    "--config.sft.steps=10", "--config.sft.target_accuracy=0.0", "--config.sft.num_examples=200",
-    "--config.train.num_steps=6", "--config.train.num_minibatches=2",
-    "--config.train.micro_batch_rows=8", "--config.checkpoint_every=2", "--config.eval.every=3",
+    "--config.data.num_train=64",
+    "--config.data.num_heldout=16",
+    "--config.eval.num_prompts=16",
+    "--config.sft.steps=10",
+    "--config.sft.target_accuracy=0.0",
+    "--config.sft.num_examples=200",
+    "--config.train.num_steps=6",
+    "--config.train.num_minibatches=2",
+    "--config.train.micro_batch_rows=8",
+    "--config.checkpoint_every=2",
+    "--config.eval.every=3",
     "--config.optim.learning_rate=1e-3",
 ]
 VOLATILE = ("time_", "tokens_per_s", "compilations")
 
 
 def command(workdir, *extra):
-    return [sys.executable, "-m", "experiments.train", "--config", "configs/arith_tiny.py",
-            "--workdir", str(workdir), "--no_progress", *TINY, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        "--config",
+        "configs/arith_tiny.py",
+        "--workdir",
+        str(workdir),
+        "--no_progress",
+        *TINY,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +69,9 @@ def read_metrics(workdir):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, env):
     workdir = tmp_path_factory.mktemp("run_a")
-    proc = subprocess.run(command(workdir), cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        command(workdir), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir, proc
 
@@ -59,10 +80,22 @@ def test_run_writes_metrics_checkpoints_and_summary(uninterrupted):
     workdir, proc = uninterrupted
     rows = read_metrics(workdir)
     assert [r["step"] for r in rows] == list(range(6))
-    for key in ("reward", "accuracy", "zero_variance_frac", "alloc_min", "alloc_max", "entropy",
-                "clip_frac_low", "clip_frac_high", "approx_kl", "grad_norm",
-                "beta_comp_pos_mean", "beta_stab_mean", "response_length_mean",
-                "truncation_rate"):
+    for key in (
+        "reward",
+        "accuracy",
+        "zero_variance_frac",
+        "alloc_min",
+        "alloc_max",
+        "entropy",
+        "clip_frac_low",
+        "clip_frac_high",
+        "approx_kl",
+        "grad_norm",
+        "beta_comp_pos_mean",
+        "beta_stab_mean",
+        "response_length_mean",
+        "truncation_rate",
+    ):
         assert key in rows[0], key
     assert "eval_accuracy" in rows[2] and "eval_accuracy" in rows[5]
     assert all(r["alloc_mean"] == 4.0 for r in rows)  # sum n_i = B every step
@@ -77,8 +110,9 @@ def test_run_writes_metrics_checkpoints_and_summary(uninterrupted):
 def test_resume_after_sigkill_reproduces_metrics(uninterrupted, tmp_path, env):
     workdir_a, _ = uninterrupted
     workdir = tmp_path / "run_b"
-    proc = subprocess.Popen(command(workdir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        command(workdir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
@@ -90,19 +124,32 @@ def test_resume_after_sigkill_reproduces_metrics(uninterrupted, tmp_path, env):
     proc.wait()
     killed_at = len(metrics.read_text().splitlines())
     assert killed_at < 6
-    again = subprocess.run(command(workdir), cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=600)
+    again = subprocess.run(
+        command(workdir), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stdout
     assert read_metrics(workdir) == read_metrics(workdir_a)
 
 
 def test_help_and_config_errors(env):
-    help_out = subprocess.run([sys.executable, "-m", "experiments.train", "--help"], cwd=ROOT,
-                              env=env, capture_output=True, text=True, timeout=120)
+    help_out = subprocess.run(
+        [sys.executable, "-m", "experiments.train", "--help"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "--workdir" in help_out.stdout and "resumes" in help_out.stdout
-    bad = subprocess.run(command("/nonexistent/never", "--config.allocation.n_low=9"), cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        command("/nonexistent/never", "--config.allocation.n_low=9"),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode != 0
     assert "allocation.n_low = 9" in bad.stderr and "[72, 64]" in bad.stderr
     assert not Path("/nonexistent/never").exists()

@@ -21,11 +21,12 @@ import numpy as np
 
 # (operator, max digits of a, max digits of b, share of the problem set)
 DEFAULT_MIX: tuple[tuple[str, int, int, float], ...] = (
-    ("+", 1, 1, 0.2),
-    ("-", 1, 1, 0.15),
-    ("*", 1, 1, 0.2),
+    ("+", 1, 1, 0.15),
+    ("-", 1, 1, 0.1),
+    ("*", 1, 1, 0.15),
     ("+", 2, 1, 0.2),
-    ("+", 2, 2, 0.15),
+    ("-", 2, 1, 0.1),
+    ("+", 2, 2, 0.2),
     ("*", 2, 1, 0.1),
 )
 
@@ -35,7 +36,10 @@ def _operand(rng: np.random.Generator, digits: int) -> int:
 
 
 def make_problems(
-    num: int, seed: int, split: str, mix: tuple[tuple[str, int, int, float], ...] = DEFAULT_MIX,
+    num: int,
+    seed: int,
+    split: str,
+    mix: tuple[tuple[str, int, int, float], ...] = DEFAULT_MIX,
     exclude: set[str] | None = None,
 ) -> list[dict[str, str]]:
     """`num` distinct problems with stable ids `arith-{split}-{i:05d}`.
@@ -66,8 +70,9 @@ def make_problems(
             continue
         seen.add(prompt)
         value = a + b if op == "+" else a - b if op == "-" else a * b
-        out.append({"id": f"arith-{split}-{len(out):05d}", "prompt": prompt,
-                    "answer": str(value)[::-1]})
+        out.append(
+            {"id": f"arith-{split}-{len(out):05d}", "prompt": prompt, "answer": str(value)[::-1]}
+        )
     return out
 
 
