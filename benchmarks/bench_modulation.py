@@ -56,15 +56,23 @@ def main() -> None:
     lengths = jax.random.randint(keys[4], (rows,), length // 4, length + 1)
     mask = (jnp.arange(length)[None] < lengths[:, None]).astype(jnp.float32)
 
-    def loss_only(lp, ent):
-        s, n, _ = losses.policy_loss(lp, old_logp, adv, mask)
+    # Every array is an argument: closed-over arrays would become compile-time constants that
+    # XLA may fold, which is not what a train step sees.
+    def loss_only(lp, ent, old, a, m, e_vocab):
+        s, n, _ = losses.policy_loss(lp, old, a, m)
         return losses.loss_value(s, n)
 
-    def modulated(lp, ent, expectation="sequence", e_vocab=None):
+    def modulated(lp, ent, old, a, m, e_vocab, expectation="sequence"):
         final, _ = modulation.modulate_advantages(
-            adv, ent, lp, old_logp, mask, expectation=expectation, expected_pi_lambda=e_vocab
+            a,
+            ent,
+            lp,
+            old,
+            m,
+            expectation=expectation,
+            expected_pi_lambda=e_vocab if expectation == "vocab" else None,
         )
-        s, n, _ = losses.policy_loss(lp, old_logp, final, mask)
+        s, n, _ = losses.policy_loss(lp, old, final, m)
         return losses.loss_value(s, n)
 
     grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1)))  # noqa: E731
@@ -72,9 +80,9 @@ def main() -> None:
     fns = {
         "loss": grad(loss_only),
         "sequence": grad(modulated),
-        "vocab": grad(lambda lp, ent: modulated(lp, ent, "vocab", e_vocab)),
+        "vocab": grad(lambda *x: modulated(*x, expectation="vocab")),
     }
-    t = timeit_interleaved(fns, logp, entropy, repeats=args.repeats)
+    t = timeit_interleaved(fns, logp, entropy, old_logp, adv, mask, e_vocab, repeats=args.repeats)
     t_loss, t_mod, t_voc = t["loss"], t["sequence"], t["vocab"]
     print(f"device: {jax.devices()[0].device_kind}, rows={rows}, tokens={length}")
     print(f"{'computation (fwd+bwd)':44s} {'ms':>9s} {'vs loss':>8s}")
@@ -109,19 +117,18 @@ def head_comparison(rows: int, length: int, hidden: int, vocab: int, repeats: in
     mask = jnp.ones((rows, length))
     old_logp = losses.token_logprobs_and_entropy(h, w, targets, 1.0, 64).logp - 0.01
 
-    def head_loss(hh, modulate):
-        stats = losses.token_logprobs_and_entropy(hh, w, targets, 1.0, 64)
-        a = adv
+    def head_loss(hh, ww, tt, a, old, m, modulate):
+        stats = losses.token_logprobs_and_entropy(hh, ww, tt, 1.0, 64)
         if modulate:
-            a, _ = modulation.modulate_advantages(adv, stats.entropy, stats.logp, old_logp, mask)
-        s, n, _ = losses.policy_loss(stats.logp, old_logp, a, mask)
+            a, _ = modulation.modulate_advantages(a, stats.entropy, stats.logp, old, m)
+        s, n, _ = losses.policy_loss(stats.logp, old, a, m)
         return losses.loss_value(s, n)
 
     fns = {
-        "plain": jax.jit(jax.grad(lambda hh: head_loss(hh, False))),
-        "modulated": jax.jit(jax.grad(lambda hh: head_loss(hh, True))),
+        "plain": jax.jit(jax.grad(lambda *x: head_loss(*x, False))),
+        "modulated": jax.jit(jax.grad(lambda *x: head_loss(*x, True))),
     }
-    t = timeit_interleaved(fns, h, repeats=repeats)
+    t = timeit_interleaved(fns, h, w, targets, adv, old_logp, mask, repeats=repeats)
     print(
         f"\nwith the LM head in the graph: rows={rows}, tokens={length}, hidden={hidden}, "
         f"vocab={vocab}"
