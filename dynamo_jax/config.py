@@ -157,7 +157,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.sft.num_examples = 6000  # synthetic tasks: size of the warm-start pool
     c.sft.batch_size = 64
     c.sft.learning_rate = 3e-3
-    c.sft.target_accuracy = 0.0  # stop early once held-out greedy accuracy reaches this
+    c.sft.target_accuracy = 0.0  # stop early once held-out accuracy reaches this
+    c.sft.label_noise = 0.0  # synthetic tasks: share of warm-start answers with a wrong digit
     c.sft.eval_every = 50
 
     c.mesh = ml_collections.ConfigDict()
@@ -366,6 +367,8 @@ def validate(config: Any, schema: Any = None) -> None:
         f"mesh (data, fsdp, tensor) = {tuple(mesh_sizes)}: each must be >= 1, at most one -1.",
     )
     need(len(get("buckets.prompt_len")) >= 1, "buckets.prompt_len must list >= 1 length.")
+    noise = get("sft.label_noise")
+    need(0.0 <= noise < 1.0, f"sft.label_noise = {noise} must be in [0, 1).")
     need(get("eval.samples_per_prompt") >= 1, "eval.samples_per_prompt must be >= 1.")
     need(get("eval.num_prompts") >= 1, "eval.num_prompts must be >= 1.")
 

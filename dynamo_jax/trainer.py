@@ -81,6 +81,10 @@ def build_task(config: Any, workdir: str) -> Task:
             if config.sft.steps > 0
             else None
         )
+        if sft_pool is not None and config.sft.label_noise > 0:
+            sft_pool = arithmetic.with_label_noise(
+                sft_pool, config.sft.label_noise, config.data.seed
+            )
         return Task(
             train,
             heldout,

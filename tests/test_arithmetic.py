@@ -52,3 +52,20 @@ def test_problem_set_is_the_same_in_every_process():
         for seed in ("1", "2")
     }
     assert len(outs) == 1 and "arith-train-00049" in outs.pop()
+
+
+def test_label_noise_changes_one_digit_of_the_requested_share():
+    train, _ = arithmetic.make_splits(0, 2000, 10)
+    noisy = arithmetic.with_label_noise(train, 0.3, seed=1)
+    changed = [
+        (a["answer"], b["answer"])
+        for a, b in zip(train, noisy, strict=True)
+        if a["answer"] != b["answer"]
+    ]
+    assert 0.25 < len(changed) / len(train) < 0.35
+    for clean, wrong in changed:
+        assert len(clean) == len(wrong) and sum(x != y for x, y in zip(clean, wrong)) == 1
+    assert [r["id"] for r in noisy] == [r["id"] for r in train]
+    assert arithmetic.with_label_noise(train, 0.0, 1) == train
+    with pytest.raises(ValueError, match="label noise"):
+        arithmetic.with_label_noise(train, 1.0, 1)

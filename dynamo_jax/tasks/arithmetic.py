@@ -101,6 +101,29 @@ def verify(responses: list[str], answers: list[str]) -> np.ndarray:
     )
 
 
+def with_label_noise(records: list[dict[str, str]], rate: float, seed: int) -> list[dict[str, str]]:
+    """A copy of `records` in which a share `rate` of the answers has one digit replaced by a
+    different one: supervised data with systematic mistakes, as hand- or model-written data has.
+    A model fit to it samples a wrong digit now and then on every problem, a behaviour that RL
+    against the exact verifier can unlearn in general (and so on held-out problems too)."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"label noise rate must be in [0, 1), got {rate}")
+    rng = np.random.default_rng([seed, zlib.crc32(b"label-noise")])
+    out = []
+    for r in records:
+        answer = r["answer"]
+        if rng.random() < rate:
+            i = int(rng.integers(len(answer)))
+            wrong = (
+                str((int(answer[i]) + int(rng.integers(1, 10))) % 10)
+                if answer[i].isdigit()
+                else answer[i]
+            )
+            answer = answer[:i] + wrong + answer[i + 1 :]
+        out.append({**r, "answer": answer})
+    return out
+
+
 def corpus(records: list[dict[str, str]]) -> list[str]:
     """Text lines to train the task's tokenizer on."""
     return [r["prompt"] + r["answer"] for r in records]
