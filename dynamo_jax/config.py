@@ -32,6 +32,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "modulation.expectation": ("sequence", "vocab"),
     "modulation.scope": ("micro_batch", "mini_batch"),
     "data.task": ("arithmetic", "math"),
+    "data.source": ("jsonl", "parquet", "tfds"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "loss.kl_estimator": ("k1", "k2", "k3"),
@@ -142,6 +143,14 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.data.num_train = 2000  # arithmetic: problems in the training set
     c.data.num_heldout = 200  # arithmetic: held-out problems
     c.data.seed = 0
+    # data.task = "math": local files only (nothing is downloaded)
+    c.data.source = "jsonl"  # jsonl | parquet | tfds
+    c.data.train_path = ""  # file path (jsonl/parquet) or TFDS dataset name
+    c.data.tfds_data_dir = ""  # TFDS data_dir holding the prepared dataset
+    c.data.split = "train"  # TFDS split
+    c.data.id_field = "id"
+    c.data.prompt_field = "problem"
+    c.data.answer_field = "answer"
 
     c.buckets = ml_collections.ConfigDict()
     c.buckets.prompt_len = (32, 64, 128, 256, 512, 1024, 2048)
@@ -151,6 +160,9 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.eval.num_prompts = 200
     c.eval.greedy = False
     c.eval.samples_per_prompt = 4  # Pass@1 = mean accuracy over these samples
+    # data.task = "math": comma-separated name=path.jsonl benchmark files (AIME24=..., ...)
+    c.eval.benchmarks = ""
+    c.eval.pass_k = 32  # report pass@k and maj@k with k = this (<= samples_per_prompt)
 
     c.sft = ml_collections.ConfigDict()  # supervised warm start (synthetic tasks)
     c.sft.steps = 0
