@@ -64,7 +64,9 @@ def test_label_noise_changes_one_digit_of_the_requested_share():
     ]
     assert 0.25 < len(changed) / len(train) < 0.35
     for clean, wrong in changed:
-        assert len(clean) == len(wrong) and sum(x != y for x, y in zip(clean, wrong, strict=True)) == 1
+        assert (
+            len(clean) == len(wrong) and sum(x != y for x, y in zip(clean, wrong, strict=True)) == 1
+        )
     assert [r["id"] for r in noisy] == [r["id"] for r in train]
     assert arithmetic.with_label_noise(train, 0.0, 1) == train
     with pytest.raises(ValueError, match="label noise"):
