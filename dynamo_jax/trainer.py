@@ -319,10 +319,9 @@ def train(
     )
     try:
         for step in range(start_step, config.train.num_steps):
-            metrics, hist = _rl_step(
+            state, metrics, hist = _rl_step(
                 config, step, key, state, step_fn, sampler, task, stats, policy, iterator, index_of
             )
-            state = metrics.pop("_state")
             if config.eval.every and (step + 1) % config.eval.every == 0:
                 metrics["eval_accuracy"] = evaluate(
                     eval_sampler,
@@ -427,5 +426,4 @@ def _rl_step(config, step, key, state, step_fn, sampler, task, stats, policy, it
         "tokens_per_s": float(out.response_mask.sum() / max(t5 - t0, 1e-9)),
         **m,
     }
-    metrics["_state"] = state
-    return metrics, {"allocation": n}
+    return state, metrics, {"allocation": n}
