@@ -1,0 +1,17 @@
+"""GRPO on Qwen2.5-Math-7B with the SPEC 5 settings: 16 rollouts per prompt (uniform),
+no advantage modulation, eps_high 0.2 (SPEC 6).
+
+    python -m experiments.train --config configs/qwen2_5_math_7b_grpo.py \\
+        --workdir runs/7b_grpo --config.model.path=/models/Qwen2.5-Math-7B \\
+        --config.data.train_path=/data/train.jsonl \\
+        --config.eval.benchmarks=AIME24=/data/aime24.jsonl,MATH500=/data/math500.jsonl
+
+model.path and data.train_path are required (checked when the run starts, not here). Shared
+settings and the mesh: configs/_paper.py.
+"""
+
+from configs._paper import paper_config
+
+
+def get_config():
+    return paper_config("7b", "grpo")

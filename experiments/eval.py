@@ -1,0 +1,256 @@
+"""Evaluate a policy on math benchmarks: Pass@1 (mean over samples), pass@k and maj@k per benchmark.
+
+    python -m experiments.eval --config configs/qwen2_5_math_1_5b_dynamo.py --workdir runs/1_5b \\
+        --config.model.path=/models/Qwen2.5-Math-1.5B \\
+        --config.eval.benchmarks=AIME24=/data/aime24.jsonl,MATH500=/data/math500.jsonl
+
+What is evaluated: the latest checkpoint under WORKDIR/checkpoints (only its parameters are read),
+or the one of --checkpoint_step=N; --checkpoint_step=0, or a work dir without checkpoints, takes
+the weights in model.path (the base model). The model's shape comes from model.path/config.json
+(else model.architecture), the tokenizer from tokenizer.path (else model.path).
+
+Benchmarks: config.eval.benchmarks, comma-separated name=path.jsonl, each line a JSON object with
+the data.prompt_field / data.answer_field columns (default "problem" / "answer"; an id column is
+optional). Prompts use the Qwen2.5-Math chat template, as in training. Each problem gets
+k = eval.samples_per_prompt samples (1 with eval.greedy) at sampling.temperature / top_p / top_k
+for up to sampling.max_new_tokens tokens; pass@k and maj@k are reported for k = eval.pass_k
+(capped at the number of samples). Results: WORKDIR/eval_results.md and .json (the table, the
+average over benchmarks, per-problem counts, settings), also printed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (a Python file with get_config()).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir",
+    None,
+    "Run directory: checkpoints are read from WORKDIR/checkpoints and "
+    "eval_results.md / eval_results.json are written here.",
+)
+_STEP = flags.DEFINE_integer(
+    "checkpoint_step",
+    -1,
+    "Checkpoint to evaluate: -1 = the latest (model.path weights when there is none), "
+    "0 = the model.path weights, N = the checkpoint saved after RL step N.",
+)
+_MAX_PROBLEMS = flags.DEFINE_integer(
+    "max_problems", 0, "Evaluate only the first N problems of each benchmark (0 = all)."
+)
+_MAX_ROWS = flags.DEFINE_integer(
+    "max_rows_per_call",
+    512,
+    "Rows (problems x samples) sampled per call: bounds the KV cache, "
+    "rows x layers x 2 x kv_heads x (prompt + max_new_tokens) x head_dim x 2 bytes.",
+)
+_OUTPUT = flags.DEFINE_string("output_name", "eval_results", "Stem of the result files.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _model_config(config: Any, tokenizer: Any):
+    from dynamo_jax.models import ModelConfig
+
+    if config.model.path:
+        return ModelConfig.from_hf_dir(config.model.path)
+    arch = config.model.architecture.to_dict()
+    arch.setdefault("vocab_size", int(tokenizer.vocab_size))
+    return ModelConfig.from_hf_dict(arch)
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+    """Steps saved under WORKDIR/checkpoints (empty when there are none)."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def restore_params(directory: str, step: int, abstract_params: Any, mesh: Any) -> Any:
+    """Only the parameters of a RunCheckpointer checkpoint (no optimizer state is read), placed
+    with the shardings of `abstract_params` on `mesh`."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from dynamo_jax import sharding as shd
+
+    shardings = shd.state_shardings(abstract_params, mesh)
+    target = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, shardings
+    )
+    item = {"params": ocp.tree.serialize_tree(target)}
+    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), item)
+    manager = ocp.CheckpointManager(directory, item_names=("state", "host"))
+    try:
+        out = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=item, restore_args=restore_args, partial_restore=True
+                )
+            ),
+        )
+    finally:
+        manager.close()
+    return ocp.tree.deserialize_tree(out["state"]["params"], target)
+
+
+def load_policy(config: Any, workdir: str, step: int, mesh: Any, tokenizer: Any, log):
+    """(model, params, step evaluated or 0 for model.path, description)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dynamo_jax import models
+    from dynamo_jax import train_step as ts
+
+    dtype = getattr(jnp, config.model.dtype)
+    param_dtype = getattr(jnp, config.model.param_dtype)
+    steps = checkpoint_steps(workdir)
+    if step == -1:
+        step = steps[-1] if steps else 0
+    if step == 0:
+        if not config.model.path:
+            raise app.UsageError(
+                f"No checkpoint under {workdir}/checkpoints and model.path is empty: pass "
+                "--config.model.path=/path/to/model or a work dir of a run"
+            )
+        log(f"evaluating the weights in model.path = {config.model.path}")
+        model = models.load_pretrained(
+            config.model.path, dtype=dtype, param_dtype=param_dtype, mesh=mesh
+        )
+        return model, nnx.state(model, nnx.Param), 0, f"model.path {config.model.path}"
+    if step not in steps:
+        raise app.UsageError(
+            f"--checkpoint_step={step}: no such checkpoint under {workdir}/checkpoints "
+            f"(saved steps: {steps or 'none'})"
+        )
+    model_cfg = _model_config(config, tokenizer)
+    abstract = nnx.eval_shape(
+        lambda: models.Transformer(
+            model_cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype
+        )
+    )
+    abstract.set_mesh(mesh)
+    graphdef, abstract_params, rest = ts.split_model(abstract)
+    directory = os.path.join(workdir, "checkpoints")
+    log(f"restoring the parameters of step {step} from {directory}")
+    params = restore_params(directory, step, abstract_params, mesh)
+    model = nnx.merge(graphdef, params, rest)
+    return model, params, step, f"checkpoint step {step} ({directory})"
+
+
+def run(
+    config: Any,
+    workdir: str,
+    *,
+    checkpoint_step: int = -1,
+    max_problems: int = 0,
+    max_rows_per_call: int = 512,
+    output_name: str = "eval_results",
+    log=print,
+    verifier_workers: int | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """Evaluates and writes WORKDIR/{output_name}.md/.json; returns (markdown, data)."""
+    import jax
+
+    from dynamo_jax import buckets as bk
+    from dynamo_jax import config as config_lib
+    from dynamo_jax import evaluation, math_task
+    from dynamo_jax import sharding as shd
+    from dynamo_jax.sampling import Sampler
+
+    config_lib.validate(config)
+    if not config.eval.benchmarks:
+        raise config_lib.ConfigError(
+            "eval.benchmarks is empty: pass --config.eval.benchmarks=AIME24=/data/aime24.jsonl,"
+            "MATH500=/data/math500.jsonl (comma-separated name=path.jsonl)"
+        )
+    workdir = os.path.abspath(workdir)
+    if config.distributed.coordinator_address:
+        shd.initialize_distributed(
+            config.distributed.coordinator_address,
+            config.distributed.num_processes,
+            config.distributed.process_id,
+        )
+    math_task.require_math_paths(config, need_train=False)
+    benchmarks = math_task.load_benchmarks(config)
+    tokenizer = math_task.load_math_tokenizer(config)
+    mesh = shd.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor)
+    model, params, step, source = load_policy(
+        config, workdir, checkpoint_step, mesh, tokenizer, log
+    )
+    spec = bk.BucketSpec(
+        prompt_len_buckets=tuple(config.buckets.prompt_len),
+        row_buckets=64,
+        prompt_count_buckets=8,
+        max_new_tokens=config.sampling.max_new_tokens,
+    )
+    sampler = Sampler(model, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id, spec=spec)
+    k = 1 if config.eval.greedy else config.eval.samples_per_prompt
+    pass_k = min(config.eval.pass_k, k)
+    if pass_k < config.eval.pass_k:
+        log(f"eval.pass_k = {config.eval.pass_k} > {k} samples per problem: reporting pass@{k}")
+    verify = math_task.MathVerify(verifier_workers)
+    t0 = time.perf_counter()
+    try:
+        markdown, data = evaluation.evaluate_benchmarks(
+            sampler,
+            params,
+            tokenizer,
+            benchmarks,
+            k,
+            config.sampling.temperature,
+            verify.details,
+            jax.random.key(config.seed),
+            pass_k=pass_k,
+            top_p=config.sampling.top_p,
+            top_k=config.sampling.top_k,
+            greedy=config.eval.greedy,
+            max_problems=max_problems or None,
+            max_rows_per_call=max_rows_per_call,
+            out_dir=workdir if jax.process_index() == 0 else None,
+            file_stem=output_name,
+            settings={
+                "checkpoint_step": step,
+                "policy": source,
+                "max_new_tokens": config.sampling.max_new_tokens,
+                "seed": config.seed,
+            },
+            log=log,
+        )
+    finally:
+        verify.close()
+    log(f"evaluated in {time.perf_counter() - t0:.1f} s; wrote {workdir}/{output_name}.md/.json")
+    return markdown, data
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    from dynamo_jax import config as config_lib
+
+    try:
+        markdown, _ = run(
+            _CONFIG.value,
+            _WORKDIR.value,
+            checkpoint_step=_STEP.value,
+            max_problems=_MAX_PROBLEMS.value,
+            max_rows_per_call=_MAX_ROWS.value,
+            output_name=_OUTPUT.value,
+        )
+    except config_lib.ConfigError as err:
+        sys.exit(str(err))
+    print(markdown)
+
+
+if __name__ == "__main__":
+    app.run(main)
