@@ -93,9 +93,11 @@ def build_task(config: Any, workdir: str) -> Task:
             config.sampling.max_new_tokens,
             sft_pool,
         )
-    raise ValueError(
-        f"data.task = {config.data.task!r} is not wired into the trainer yet; use 'arithmetic'."
-    )
+    if config.data.task == "math":
+        from dynamo_jax.math_task import build_math_task
+
+        return build_math_task(config, workdir)
+    raise ValueError(f"data.task = {config.data.task!r}: choose 'arithmetic' or 'math'.")
 
 
 def _hf_architecture(config: Any, tokenizer: Any) -> dict[str, Any]:
@@ -240,6 +242,48 @@ def evaluate(
     return {"accuracy": float(np.mean(correct)) if len(rows) else 0.0}
 
 
+def heldout_metrics(
+    config: Any,
+    sampler: Sampler,
+    params: Any,
+    task: Task,
+    key: jax.Array,
+    out_dir: str | None = None,
+    step: int = 0,
+) -> dict[str, float]:
+    """Held-out metrics; "eval_accuracy" is Pass@1. A task with benchmark files (data.task =
+    "math", eval.benchmarks) adds pass@k / maj@k per benchmark and their average as
+    "eval/<benchmark>/<metric>" and writes eval_step_<step>.md/.json into `out_dir`."""
+    benchmarks = getattr(task, "benchmarks", None)
+    if benchmarks:
+        from dynamo_jax import evaluation
+
+        k = 1 if config.eval.greedy else config.eval.samples_per_prompt
+        _, data = evaluation.evaluate_benchmarks(
+            sampler,
+            params,
+            task.tokenizer,
+            benchmarks,
+            k,
+            config.sampling.temperature,
+            getattr(task.verify, "details", task.verify),  # extracted answers feed maj@k
+            key,
+            encode_prompt=task.encode_prompt,
+            pass_k=min(config.eval.pass_k, k),
+            top_p=config.sampling.top_p,
+            top_k=config.sampling.top_k,
+            greedy=config.eval.greedy,
+            out_dir=out_dir if jax.process_index() == 0 else None,
+            file_stem=f"eval_step_{step}",
+            settings={"step": step},
+        )
+        return evaluation.flat_metrics(data)
+    if not task.heldout:
+        return {}
+    records = task.heldout[: config.eval.num_prompts]
+    return {"eval_accuracy": evaluate(sampler, params, task, records, config, key)["accuracy"]}
+
+
 def _host_state(
     stats: PromptStats, policy: AllocationPolicy, iterator: PromptIterator, step: int, config: Any
 ) -> dict[str, Any]:
@@ -303,14 +347,16 @@ def train(
         log(f"resumed from {checkpointer.directory} at step {start_step}")
 
     key = jax.random.key(config.seed)
-    heldout = task.heldout[: config.eval.num_prompts]
+    eval_key = jax.random.fold_in(key, 2**31 - 1)
+    eval_dir = os.path.join(workdir, "eval")
     summary: dict[str, Any] = dict(sft_summary)
     summary_path = os.path.join(workdir, "summary.json")
     if start_step == 0:
-        summary["heldout_accuracy_before"] = evaluate(
-            eval_sampler, state.params, task, heldout, config, jax.random.fold_in(key, 2**31 - 1)
-        )["accuracy"]
-        log(f"held-out accuracy before RL: {summary['heldout_accuracy_before']:.3f}")
+        before = heldout_metrics(config, eval_sampler, state.params, task, eval_key, eval_dir, 0)
+        summary["heldout_accuracy_before"] = before.get("eval_accuracy")
+        if before:
+            summary["heldout_before"] = before
+            log(f"held-out accuracy before RL: {before['eval_accuracy']:.3f}")
     elif os.path.exists(summary_path):
         summary.update(json.load(open(summary_path)))
 
@@ -323,14 +369,11 @@ def train(
                 config, step, key, state, step_fn, sampler, task, stats, policy, iterator, index_of
             )
             if config.eval.every and (step + 1) % config.eval.every == 0:
-                metrics["eval_accuracy"] = evaluate(
-                    eval_sampler,
-                    state.params,
-                    task,
-                    heldout,
-                    config,
-                    jax.random.fold_in(key, 2**31 - 1),
-                )["accuracy"]
+                metrics.update(
+                    heldout_metrics(
+                        config, eval_sampler, state.params, task, eval_key, eval_dir, step + 1
+                    )
+                )
             metrics["compilations"] = compilation.total_compilations()
             if (step + 1) % config.log_every == 0 or step + 1 == config.train.num_steps:
                 writer.write(step, metrics, histograms=hist)
@@ -342,11 +385,16 @@ def train(
         writer.close()
         checkpointer.close()
 
-    summary["heldout_accuracy_after"] = evaluate(
-        eval_sampler, state.params, task, heldout, config, jax.random.fold_in(key, 2**31 - 1)
-    )["accuracy"]
+    after = heldout_metrics(
+        config, eval_sampler, state.params, task, eval_key, eval_dir, config.train.num_steps
+    )
+    summary["heldout_accuracy_after"] = after.get("eval_accuracy")
+    if after:
+        summary["heldout_after"] = after
+        log(f"held-out accuracy after RL:  {after['eval_accuracy']:.3f}")
     summary["steps"] = config.train.num_steps
-    log(f"held-out accuracy after RL:  {summary['heldout_accuracy_after']:.3f}")
+    if hasattr(task, "close"):
+        task.close()
     if is_main:
         with open(summary_path, "w") as f:
             json.dump(summary, f, indent=2)

@@ -43,12 +43,16 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     try:
         config_lib.validate(config)
+        if config.data.task == "math":  # local paths, checked before anything heavy starts
+            from dynamo_jax.math_task import require_math_paths
+
+            require_math_paths(config)
     except config_lib.ConfigError as err:
         sys.exit(str(err))
     summary = trainer.train(config, _WORKDIR.value, progress=not _NO_PROGRESS.value)
     before = summary.get("heldout_accuracy_before")
-    after = summary["heldout_accuracy_after"]
-    if before is not None:
+    after = summary.get("heldout_accuracy_after")
+    if before is not None and after is not None:
         print(f"held-out accuracy: {before:.3f} before RL -> {after:.3f} after RL")
 
 
