@@ -13,7 +13,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+from dynamo_jax import baselines
+
+ESTIMATORS = ("grpo", "dr_grpo", "rloo", "w_reinforce")
 
 
 class GroupStats(NamedTuple):
@@ -56,13 +58,16 @@ def group_advantages(
     num_groups: int,
     estimator: str = "grpo",
     eps: float = 1e-6,
+    positive_weight: float = 0.1,
 ) -> jax.Array:
     """Row advantages for ragged groups (SPEC 3).
 
     - `grpo`:    A = (R - mean_g) / (std_g + eps), std with ddof=1;
     - `dr_grpo`: A = R - mean_g;
-    - `rloo`:    A = R - mean of the other rows of the group.
-    A group of size 1 and every padding row get A = 0 (never NaN).
+    - `rloo`:    A = R - mean of the other rows of the group;
+    - `w_reinforce` (a baseline, SPEC 6): no group baseline, A = positive_weight * R for R > 0 and
+      A = R otherwise (`baselines.w_reinforce_advantages`); singletons keep their advantage.
+    A group of size 1 (except in `w_reinforce`) and every padding row get A = 0 (never NaN).
 
     Args:
       rewards: [rows] float rewards.
@@ -71,12 +76,15 @@ def group_advantages(
       num_groups: static; the number of prompts of the step (a bucket size, not data dependent).
       estimator: one of "grpo", "dr_grpo", "rloo".
       eps: added to the std in `grpo`.
+      positive_weight: lambda of `w_reinforce`.
 
     Returns:
       [rows] float32 advantages; broadcast them over the row's response tokens.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"advantage estimator {estimator!r}; choose one of {ESTIMATORS}.")
+    if estimator == "w_reinforce":
+        return baselines.w_reinforce_advantages(rewards, valid, positive_weight)
     stats = group_statistics(rewards, group_ids, valid, num_groups)
     gid = jnp.clip(group_ids, 0, num_groups - 1)
     count, mean, std = stats.count[gid], stats.mean[gid], stats.std[gid]

@@ -28,7 +28,8 @@ MODULATION_PRESETS: dict[str, dict[str, float]] = {
 CHOICES: dict[str, tuple[Any, ...]] = {
     "allocation.mode": ("variance", "official", "uniform"),
     "allocation.refresh": ("step", "epoch"),
-    "advantage.estimator": ("grpo", "dr_grpo", "rloo"),
+    "advantage.estimator": ("grpo", "dr_grpo", "rloo", "w_reinforce"),
+    "loss.token_selection": ("none", "fork_tokens", "clip_cov", "kl_cov"),
     "modulation.expectation": ("sequence", "vocab"),
     "modulation.scope": ("micro_batch", "mini_batch"),
     "data.task": ("arithmetic", "math"),
@@ -73,6 +74,10 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.advantage.correct_reward = 1.0
     c.advantage.incorrect_reward = -1.0
     c.advantage.eps = 1e-6
+    # SPEC 6 baselines (docs/BASELINES.md; presets in dynamo_jax/baselines.py).
+    c.advantage.positive_weight = 0.1  # estimator "w_reinforce": lambda on positive rewards
+    c.advantage.entropy_shaping_k = 0.0  # Entropy Advantages: A + min(k H, |A| / kappa); 0 = off
+    c.advantage.entropy_shaping_kappa = 2.0
 
     # SPEC 2: token-level advantage modulation.
     c.modulation = ml_collections.ConfigDict()
@@ -94,6 +99,17 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.loss.kl_estimator = "k3"
     c.loss.entropy_coef = 0.0
     c.loss.loss_agg = "token_mean"
+    # SPEC 6 baselines: which tokens get special treatment, per micro-batch.
+    # "fork_tokens": gradient only on the top loss.fork_fraction highest-entropy tokens;
+    # "clip_cov": detach a random loss.cov_fraction of the tokens with covariance in
+    # (loss.clip_cov_low, loss.clip_cov_high); "kl_cov": add loss.kl_cov_coef * |logp - old_logp|
+    # on the loss.cov_fraction tokens of largest covariance (unclipped ratio loss elsewhere).
+    c.loss.token_selection = "none"
+    c.loss.fork_fraction = 0.2
+    c.loss.cov_fraction = 2e-4
+    c.loss.clip_cov_low = 1.0
+    c.loss.clip_cov_high = 5.0
+    c.loss.kl_cov_coef = 1.0
     # Tokens per chunk along the length axis when computing log-probs and entropy from hidden
     # states: bounds the [rows, chunk, vocab] float32 logits that exist at once.
     c.loss.logits_chunk_size = 128
@@ -323,6 +339,19 @@ def validate(config: Any, schema: Any = None) -> None:
     need(uw is None or uw >= 0, f"allocation.unexplored_weight = {uw} must be >= 0 or None.")
 
     need(get("advantage.eps") > 0, "advantage.eps must be > 0.")
+    need(get("advantage.positive_weight") >= 0, "advantage.positive_weight must be >= 0.")
+    need(get("advantage.entropy_shaping_k") >= 0, "advantage.entropy_shaping_k must be >= 0.")
+    need(
+        get("advantage.entropy_shaping_kappa") > 0, "advantage.entropy_shaping_kappa must be > 0."
+    )
+    for field in ("loss.fork_fraction", "loss.cov_fraction"):
+        need(0.0 < get(field) <= 1.0, f"{field} = {get(field)} must be in (0, 1].")
+    need(
+        get("loss.clip_cov_low") < get("loss.clip_cov_high"),
+        f"loss.clip_cov_low = {get('loss.clip_cov_low')} must be below "
+        f"loss.clip_cov_high = {get('loss.clip_cov_high')}.",
+    )
+    need(get("loss.kl_cov_coef") >= 0, "loss.kl_cov_coef must be >= 0.")
     need(
         get("advantage.correct_reward") != get("advantage.incorrect_reward"),
         "advantage.correct_reward equals advantage.incorrect_reward: every advantage is 0.",

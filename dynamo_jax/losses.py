@@ -158,22 +158,28 @@ def clipped_token_loss(
     eps_low: float = 0.2,
     eps_high: float = 0.28,
     dual_clip: float = 10.0,
+    clip: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-token PPO loss with asymmetric and dual clip (SPEC 4), and the ratio.
 
     l = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high));  where A < 0: l = min(l, -A c)
+    With clip=False: l = -A r (the KL-Cov baseline's loss).
     """
     ratio = importance_ratio(logp, old_logp)
     a = jax.lax.stop_gradient(jnp.asarray(advantages, jnp.float32))
     a = jnp.broadcast_to(a[..., None] if a.ndim == ratio.ndim - 1 else a, ratio.shape)
     l1 = -a * ratio
+    if not clip:
+        return l1, ratio
     l2 = -a * jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
     loss = jnp.maximum(l1, l2)
     loss = jnp.where(a < 0, jnp.minimum(loss, -a * dual_clip), loss)
     return loss, ratio
 
 
-@functools.partial(jax.jit, static_argnames=("loss_agg", "kl_estimator", "max_response_length"))
+@functools.partial(
+    jax.jit, static_argnames=("loss_agg", "kl_estimator", "max_response_length", "clip")
+)
 def policy_loss(
     logp: jax.Array,
     old_logp: jax.Array,
@@ -190,6 +196,10 @@ def policy_loss(
     kl_estimator: str = "k3",
     entropy: jax.Array | None = None,
     entropy_coef: float = 0.0,
+    grad_mask: jax.Array | None = None,
+    abs_kl_mask: jax.Array | None = None,
+    abs_kl_coef: float = 0.0,
+    clip: bool = True,
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """The policy loss of one (micro-)batch as an exact (sum, count) pair (SPEC 4).
 
@@ -208,6 +218,11 @@ def policy_loss(
         e.g. modulated) advantages, no gradient. mask: [rows, T] response mask.
       max_response_length: the constant divisor of `seq_mean_token_sum_norm` (default T).
       ref_logp, entropy: optional [rows, T] for the KL penalty / entropy bonus.
+      grad_mask: optional [rows, T] 0/1 (SPEC 6 baselines Fork Tokens, Clip-Cov): the clipped
+        policy term counts only where 1; masked-out tokens still count in the denominator.
+      abs_kl_mask, abs_kl_coef: optional [rows, T] 0/1 (KL-Cov): adds
+        abs_kl_coef * |logp - old_logp| on the marked tokens.
+      clip: False drops the PPO and dual clip (l = -A r; KL-Cov's loss).
 
     Returns:
       loss_sum, count: float32 scalars; the loss of the union of micro-batches is
@@ -219,7 +234,16 @@ def policy_loss(
     if loss_agg not in LOSS_AGGREGATIONS:
         raise ValueError(f"loss.loss_agg {loss_agg!r}; choose one of {LOSS_AGGREGATIONS}.")
     m = jnp.asarray(mask, jnp.float32)
-    token_loss, ratio = clipped_token_loss(logp, old_logp, advantages, eps_low, eps_high, dual_clip)
+    token_loss, ratio = clipped_token_loss(
+        logp, old_logp, advantages, eps_low, eps_high, dual_clip, clip
+    )
+    if grad_mask is not None:
+        token_loss = token_loss * jax.lax.stop_gradient(jnp.asarray(grad_mask, jnp.float32))
+    if abs_kl_mask is not None:
+        abs_kl = jnp.abs(jnp.asarray(logp, jnp.float32) - jnp.asarray(old_logp, jnp.float32))
+        token_loss = token_loss + abs_kl_coef * jax.lax.stop_gradient(
+            jnp.asarray(abs_kl_mask, jnp.float32)
+        ) * abs_kl
     a = jnp.broadcast_to(
         jnp.asarray(advantages, jnp.float32)[..., None]
         if jnp.ndim(advantages) == m.ndim - 1

@@ -38,7 +38,7 @@ import optax
 from flax import nnx, struct
 
 from dynamo_jax import advantages as adv_lib
-from dynamo_jax import losses, modulation
+from dynamo_jax import baselines, losses, modulation
 
 Batch = dict[str, jax.Array]
 
@@ -83,6 +83,16 @@ class StepSettings:
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
+    # SPEC 6 baselines (dynamo_jax/baselines.py)
+    positive_weight: float = 0.1
+    entropy_shaping_k: float = 0.0
+    entropy_shaping_kappa: float = 2.0
+    token_selection: str = "none"
+    fork_fraction: float = 0.2
+    cov_fraction: float = 2e-4
+    clip_cov_low: float = 1.0
+    clip_cov_high: float = 5.0
+    kl_cov_coef: float = 1.0
 
     @classmethod
     def from_config(cls, config: Any, num_groups: int) -> StepSettings:
@@ -112,6 +122,15 @@ class StepSettings:
             kl_coef=c.loss.kl_coef,
             kl_estimator=c.loss.kl_estimator,
             entropy_coef=c.loss.entropy_coef,
+            positive_weight=c.advantage.positive_weight,
+            entropy_shaping_k=c.advantage.entropy_shaping_k,
+            entropy_shaping_kappa=c.advantage.entropy_shaping_kappa,
+            token_selection=c.loss.token_selection,
+            fork_fraction=c.loss.fork_fraction,
+            cov_fraction=c.loss.cov_fraction,
+            clip_cov_low=c.loss.clip_cov_low,
+            clip_cov_high=c.loss.clip_cov_high,
+            kl_cov_coef=c.loss.kl_cov_coef,
         )
 
 
@@ -201,6 +220,33 @@ def _response_token_stats(
     )
 
 
+def _token_selection(
+    s: StepSettings, stats: losses.TokenStats, micro: Batch, advantages: jax.Array
+) -> dict[str, Any]:
+    """The extra `policy_loss` arguments of the token-selection baselines (SPEC 6)."""
+    mask = micro["response_mask"]
+    if s.token_selection == "fork_tokens":
+        return {"grad_mask": baselines.fork_token_mask(stats.entropy, mask, s.fork_fraction)}
+    if s.token_selection == "clip_cov":
+        detached = baselines.clip_cov_mask(
+            stats.logp,
+            micro["old_logp"],
+            advantages,
+            mask,
+            jax.random.wrap_key_data(micro["micro_key"]),
+            fraction=s.cov_fraction,
+            cov_low=s.clip_cov_low,
+            cov_high=s.clip_cov_high,
+            eps_low=s.eps_low,
+            eps_high=s.eps_high,
+        )
+        return {"grad_mask": 1.0 - detached}
+    if s.token_selection == "kl_cov":
+        selected = baselines.kl_cov_mask(stats.logp, advantages, mask, fraction=s.cov_fraction)
+        return {"abs_kl_mask": selected, "abs_kl_coef": s.kl_cov_coef, "clip": False}
+    return {}
+
+
 def _count(mask: jax.Array, loss_agg: str) -> jax.Array:
     """The denominator `policy_loss` would return for these rows (known before the forward)."""
     if loss_agg == "token_mean":
@@ -240,6 +286,7 @@ def _update(
         s.num_groups,
         s.estimator,
         s.advantage_eps,
+        s.positive_weight,
     )
     zero_var = adv_lib.zero_variance_fraction(
         batch["rewards"], batch["group_ids"], batch["valid"], s.num_groups
@@ -254,6 +301,11 @@ def _update(
         data,
     )
     use_vocab = s.expectation == "vocab"
+    # One key per micro-batch (Clip-Cov draws its detached tokens at random).
+    micro_keys = jax.random.split(jax.random.fold_in(step_key, 1), s.num_minibatches * n_micro)
+    data["micro_key"] = jax.random.key_data(micro_keys).reshape(
+        s.num_minibatches, n_micro, *jax.random.key_data(micro_keys).shape[1:]
+    )
 
     def micro_forward(params, micro):
         stats = _response_token_stats(graphdef, params, rest, micro, s, use_vocab)
@@ -261,8 +313,13 @@ def _update(
 
     def micro_loss(params, micro, total, scope):
         stats = micro_forward(params, micro)
+        advantages = micro["advantages"]
+        if s.entropy_shaping_k > 0:
+            advantages = baselines.entropy_shaped_advantages(
+                advantages, stats.entropy, s.entropy_shaping_k, s.entropy_shaping_kappa
+            )
         final, mod_aux = modulation.modulate_advantages(
-            micro["advantages"],
+            advantages,
             stats.entropy,
             stats.logp,
             micro["old_logp"],
@@ -279,6 +336,7 @@ def _update(
             expected_pi_lambda=stats.expected_pi_lambda,
             scope=scope,
         )
+        selection = _token_selection(s, stats, micro, final)
         loss_sum, _, aux = losses.policy_loss(
             stats.logp,
             micro["old_logp"],
@@ -294,6 +352,7 @@ def _update(
             kl_estimator=s.kl_estimator,
             entropy=stats.entropy if s.entropy_coef > 0 else None,
             entropy_coef=s.entropy_coef,
+            **selection,
         )
         aux = dict(aux)
         aux.setdefault(
