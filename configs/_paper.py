@@ -85,6 +85,11 @@ def paper_config(model: str, method: str) -> ml_collections.ConfigDict:
     # prompt + response fits max_position_embeddings = 4096.
     c.sampling.max_new_tokens = 3072
     c.buckets.prompt_len = (128, 256, 512, 1024)
+    # The KV cache of one row at 4096 positions in bfloat16 is 28 layers x 2 x kv_heads x 128 x
+    # 4096 x 2 bytes: 0.11 GiB (1.5B, 2 kv heads) or 0.22 GiB (7B, 4 kv heads). All 8192 rows at
+    # once would need 0.9 / 1.8 TiB, so the step is sampled in calls of whole prompt groups:
+    # 256 rows = 28 GiB (3.5 GiB a chip on 8 chips), 1024 rows = 224 GiB (3.5 GiB a chip on 64).
+    c.sampling.max_rows_per_call = 256 if model == "1.5b" else 1024
 
     c.train.num_minibatches = 16  # 512 rows per optimiser update
     c.train.micro_batch_rows = 64

@@ -171,4 +171,3 @@ def apply_preset(config: Any, name: str) -> Any:
         section, field = path.split(".")
         config[section][field] = value
     return config
-

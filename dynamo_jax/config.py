@@ -120,6 +120,9 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.sampling.top_p = 1.0
     c.sampling.top_k = 0  # 0 = off
     c.sampling.max_new_tokens = 3072
+    # Rollouts decoded per sampler call (whole prompt groups are packed into calls of at most
+    # this many rows, so only one call's KV cache exists at a time); 0 = the whole step at once.
+    c.sampling.max_rows_per_call = 0
 
     # SPEC 5 step 7: optimiser updates.
     c.train = ml_collections.ConfigDict()
@@ -341,9 +344,7 @@ def validate(config: Any, schema: Any = None) -> None:
     need(get("advantage.eps") > 0, "advantage.eps must be > 0.")
     need(get("advantage.positive_weight") >= 0, "advantage.positive_weight must be >= 0.")
     need(get("advantage.entropy_shaping_k") >= 0, "advantage.entropy_shaping_k must be >= 0.")
-    need(
-        get("advantage.entropy_shaping_kappa") > 0, "advantage.entropy_shaping_kappa must be > 0."
-    )
+    need(get("advantage.entropy_shaping_kappa") > 0, "advantage.entropy_shaping_kappa must be > 0.")
     for field in ("loss.fork_fraction", "loss.cov_fraction"):
         need(0.0 < get(field) <= 1.0, f"{field} = {get(field)} must be in (0, 1].")
     need(
@@ -377,6 +378,14 @@ def validate(config: Any, schema: Any = None) -> None:
     need(0.0 < top_p <= 1.0, f"sampling.top_p = {top_p} must be in (0, 1].")
     need(get("sampling.top_k") >= 0, "sampling.top_k must be >= 0 (0 = off).")
     need(get("sampling.max_new_tokens") >= 1, "sampling.max_new_tokens must be >= 1.")
+    max_rows = get("sampling.max_rows_per_call")
+    largest_group = n if get("allocation.mode") == "uniform" else n_high
+    need(
+        max_rows == 0 or max_rows >= largest_group,
+        f"sampling.max_rows_per_call = {max_rows} is smaller than the largest group a prompt can "
+        f"get ({largest_group}: allocation.n_high, or rollouts_per_prompt when uniform); "
+        "use 0 (one call) or at least that.",
+    )
 
     mb = get("train.num_minibatches")
     need(mb >= 1, f"train.num_minibatches = {mb} must be >= 1.")

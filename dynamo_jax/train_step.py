@@ -467,13 +467,35 @@ class TrainStep:
         self._logprobs = jax.jit(self._logprobs_impl, static_argnames=("with_vocab",))
 
     def _logprobs_impl(self, params, batch, with_vocab=False):
-        stats = _response_token_stats(
-            self.graphdef, params, self.rest, batch, self.settings, with_vocab
+        rows = batch["targets"].shape[0]
+        chunk = self.settings.micro_batch_rows
+        if rows <= chunk or rows % chunk:
+            return _response_token_stats(
+                self.graphdef, params, self.rest, batch, self.settings, with_vocab
+            )
+        # At most micro_batch_rows rows go through the model at once (what the update's
+        # micro-batches hold): the activations of the whole rollout batch never exist together.
+        # Chunk j holds rows j, j + n, j + 2n, ...: splitting [rows] as [chunk, n] keeps each
+        # device's contiguous block of rows on that device, so no rows move between devices.
+        n = rows // chunk
+
+        def split(x):
+            return jnp.swapaxes(x.reshape(chunk, n, *x.shape[1:]), 0, 1)
+
+        def merge(y):
+            return None if y is None else jnp.swapaxes(y, 0, 1).reshape(rows, *y.shape[2:])
+
+        per_chunk = jax.lax.map(
+            lambda b: _response_token_stats(
+                self.graphdef, params, self.rest, b, self.settings, with_vocab
+            ),
+            jax.tree.map(split, batch),
         )
-        return stats
+        return jax.tree.map(merge, per_chunk)
 
     def logprobs(self, params: Any, batch: Batch) -> losses.TokenStats:
-        """Per-token log-probs/entropy of `batch["targets"]` under `params` (no gradient)."""
+        """Per-token log-probs/entropy of `batch["targets"]` under `params` (no gradient),
+        computed `train.micro_batch_rows` rows at a time."""
         keys = ("input_ids", "positions", "attention_mask", "targets")
         return self._logprobs(params, self.put_batch({k: batch[k] for k in keys}))
 

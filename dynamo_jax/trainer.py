@@ -206,6 +206,94 @@ def make_sampler(config: Any, model: Any, task: Task, num_rows: int | None) -> S
     return Sampler(model, eos_ids=task.tokenizer.eos_ids, pad_id=task.tokenizer.pad_id, spec=spec)
 
 
+def pack_prompt_chunks(group_sizes: np.ndarray, max_rows: int) -> list[np.ndarray]:
+    """Consecutive prompt index ranges whose rollouts fit `max_rows` rows per sampler call
+    (greedy, in order; every group stays whole). 0 = one call for everything."""
+    n = np.asarray(group_sizes, np.int64)
+    if max_rows <= 0:
+        return [np.arange(len(n))]
+    if np.any(n > max_rows):
+        bad = int(np.argmax(n))
+        raise ValueError(
+            f"prompt {bad} has {n[bad]} rollouts, more than sampling.max_rows_per_call = "
+            f"{max_rows}: raise sampling.max_rows_per_call to at least allocation.n_high."
+        )
+    chunks, start, rows = [], 0, 0
+    for i, size in enumerate(n):
+        if rows + size > max_rows:
+            chunks.append(np.arange(start, i))
+            start, rows = i, 0
+        rows += size
+    chunks.append(np.arange(start, len(n)))
+    return [c for c in chunks if len(c)]
+
+
+_ROW_FIELDS = (
+    "prompt_id",
+    "group_id",
+    "sample_index",
+    "valid",
+    "prompt_lengths",
+    "response_tokens",
+    "response_logp",
+    "response_mask",
+    "response_lengths",
+    "finish_reason",
+)
+
+
+def generate_in_chunks(
+    sampler: Sampler,
+    params: Any,
+    prompts: list[list[int]],
+    prompt_ids: np.ndarray,
+    group_sizes: np.ndarray,
+    key: jax.Array,
+    max_rows: int,
+    pad_id: int,
+    **knobs: Any,
+) -> Any:
+    """`sampler.generate` over prompt chunks of at most `max_rows` rollouts each, so that the
+    KV cache of only one chunk exists at a time (the full rollout batch of a paper-sized step
+    does not fit an accelerator's memory). Returns one `Rollouts` holding exactly the valid rows,
+    in chunk order, with `group_id` indexing `prompts`. Each row's randomness depends only on
+    (key, prompt id, sample index), so the samples are the same as from one call."""
+    chunks = pack_prompt_chunks(group_sizes, max_rows)
+    outs = []
+    for idx in chunks:
+        out = sampler.generate(
+            params,
+            [prompts[i] for i in idx],
+            np.asarray(prompt_ids)[idx],
+            np.asarray(group_sizes)[idx],
+            key,
+            **knobs,
+        )
+        keep = out.valid
+        fields = {f: getattr(out, f)[keep] for f in _ROW_FIELDS}
+        fields["group_id"] = idx[fields["group_id"]].astype(np.int32)
+        fields["prompt_tokens"] = out.prompt_tokens[keep]
+        outs.append((out, fields))
+    if len(outs) == 1 and max_rows <= 0:
+        return outs[0][0]
+    plen = max(f["prompt_tokens"].shape[1] for _, f in outs)
+    merged = {}
+    for name in (*_ROW_FIELDS, "prompt_tokens"):
+        parts = [f[name] for _, f in outs]
+        if name == "prompt_tokens":  # chunks may fall in different prompt-length buckets
+            parts = [
+                np.pad(p, ((0, 0), (0, plen - p.shape[1])), constant_values=pad_id) for p in parts
+            ]
+        merged[name] = np.concatenate(parts, axis=0)
+    first = outs[0][0]
+    return dataclasses.replace(
+        first,
+        **merged,
+        num_decode_steps=max(o.num_decode_steps for o, _ in outs),
+        timings={"total_s": sum(o.timings.get("total_s", 0.0) for o, _ in outs)},
+    )
+
+
 def _decode_rows(tokenizer: Any, rollouts: Any) -> list[str]:
     return [
         tokenizer.decode(rollouts.response_tokens[r, : rollouts.response_lengths[r]].tolist())
@@ -318,7 +406,9 @@ def train(
     model, sft_summary = build_model(config, task, workdir, mesh, log)
     n_prompts = config.prompts_per_step
     budget = n_prompts * config.rollouts_per_prompt
-    sampler = make_sampler(config, model, task, num_rows=budget)
+    sampler = make_sampler(
+        config, model, task, num_rows=config.sampling.max_rows_per_call or budget
+    )
     eval_sampler = make_sampler(config, model, task, num_rows=None)
 
     tx = ts.make_optimizer(config)
@@ -363,17 +453,19 @@ def train(
     writer = MetricsWriter(
         workdir, config.train.num_steps, start_step, progress=progress, enabled=is_main
     )
+    after = None  # held-out metrics of the final parameters, if the loop already has them
     try:
         for step in range(start_step, config.train.num_steps):
             state, metrics, hist = _rl_step(
                 config, step, key, state, step_fn, sampler, task, stats, policy, iterator, index_of
             )
             if config.eval.every and (step + 1) % config.eval.every == 0:
-                metrics.update(
-                    heldout_metrics(
-                        config, eval_sampler, state.params, task, eval_key, eval_dir, step + 1
-                    )
+                held = heldout_metrics(
+                    config, eval_sampler, state.params, task, eval_key, eval_dir, step + 1
                 )
+                metrics.update(held)
+                if step + 1 == config.train.num_steps:
+                    after = held
             metrics["compilations"] = compilation.total_compilations()
             if (step + 1) % config.log_every == 0 or step + 1 == config.train.num_steps:
                 writer.write(step, metrics, histograms=hist)
@@ -385,9 +477,10 @@ def train(
         writer.close()
         checkpointer.close()
 
-    after = heldout_metrics(
-        config, eval_sampler, state.params, task, eval_key, eval_dir, config.train.num_steps
-    )
+    if after is None:
+        after = heldout_metrics(
+            config, eval_sampler, state.params, task, eval_key, eval_dir, config.train.num_steps
+        )
     summary["heldout_accuracy_after"] = after.get("eval_accuracy")
     if after:
         summary["heldout_after"] = after
@@ -413,12 +506,15 @@ def _rl_step(config, step, key, state, step_fn, sampler, task, stats, policy, it
     prompts = [task.encode_prompt(r["prompt"]) for r in records]
     step_key = jax.random.fold_in(key, step)
     t1 = time.perf_counter()
-    out = sampler.generate(
+    out = generate_in_chunks(
+        sampler,
         state.params,
         prompts,
         np.array([index_of[i] for i in ids]),
         n,
         jax.random.fold_in(step_key, 0),
+        config.sampling.max_rows_per_call,
+        task.tokenizer.pad_id,
         temperature=config.sampling.temperature,
         top_p=config.sampling.top_p,
         top_k=config.sampling.top_k,

@@ -32,6 +32,7 @@ TINY = [
     "--config.checkpoint_every=2",
     "--config.eval.every=3",
     "--config.optim.learning_rate=1e-3",
+    "--config.sampling.max_rows_per_call=16",  # 32 rollouts per step, sampled in >= 2 calls
 ]
 VOLATILE = ("time_", "tokens_per_s", "compilations")
 
