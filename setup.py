@@ -35,9 +35,27 @@ setup(
         "pyarrow>=17",
     ],
     extras_require={
-        "test": ["pytest>=9.2.0", "hypothesis>=6.100", "ruff>=0.6", "nbmake>=1.5.5"],
+        "test": [
+            "pytest>=9.2.0",
+            "hypothesis>=6.100",
+            "ruff>=0.6",
+            "nbmake>=1.5.5",
+            # tests/test_analysis.py, tests/test_notebooks.py
+            "scipy>=1.11",
+            "matplotlib>=3.8",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
+        ],
         # CPU torch for weight conversion and PyTorch parity tests; 2.13.0 is the wheel we test.
         "hf": ["torch==2.13.0"],
-        "notebooks": ["matplotlib>=3.8", "pandas>=2.2", "nbmake>=1.5.5", "ipykernel"],
+        "notebooks": [
+            "matplotlib>=3.8",
+            "pandas>=2.2",
+            "nbmake>=1.5.5",
+            "ipykernel",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+        ],
     },
 )

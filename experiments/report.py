@@ -1,0 +1,209 @@
+"""Plots and tables for docs/RESULTS.md from an ablation sweep, plus experiments (i)-(iv).
+
+    python -m experiments.report --out runs/ablations --dest docs/results
+
+Reads OUT/<variant>/seed<k>/ (written by `python -m experiments.ablations`) and writes into
+DEST: accuracy_vs_rollouts.png (iii), zero_variance.png (ii), training_curves.png,
+allocation_<variant>.png, pg_covariance.png (i), entropy_change.png (iv),
+controlled_allocation.png, report_<part>.md (the tables) and results.json (every number).
+Experiments (i) and (iv) use the sweep's warm start OUT/_sft (run the sweep, or just its warm
+start, first). `--only` picks a subset: sweep, i, iv, controlled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from dynamo_jax import analysis
+
+PARTS = ("sweep", "i", "iv", "controlled")
+
+
+def sweep_tables(sweep, rollouts_per_step: int, first_epoch_steps: int | None) -> str:
+    lines = [
+        "| variant | seeds | steps | held-out before | held-out after (mean +- std) "
+        "| per seed | mean of the last 3 evals | zero-var share, all steps "
+        + ("| zero-var share after epoch 1 " if first_epoch_steps else "")
+        + "|",
+        "|---|---|---|---|---|---|---|---|" + ("---|" if first_epoch_steps else ""),
+    ]
+    for v in analysis.DEFAULT_VARIANTS + tuple(k for k in sweep if k not in analysis.VARIANTS):
+        if v not in sweep:
+            continue
+        runs = sweep[v]
+        after = [r["summary"].get("heldout_accuracy_after") for r in runs.values()]
+        after = [a for a in after if a is not None]
+        before = [r["summary"].get("heldout_accuracy_before") for r in runs.values()]
+        before = [b for b in before if b is not None]
+        steps = [len(r["metrics"]) for r in runs.values()]
+        last3 = []
+        zv_all, zv_late = [], []
+        for r in runs.values():
+            _, ev = analysis.series(r["metrics"], "eval_accuracy")
+            if ev.size:
+                last3.append(float(np.mean(ev[-3:])))
+            x, zv = analysis.series(r["metrics"], "zero_variance_frac")
+            zv_all.append(float(np.mean(zv)))
+            if first_epoch_steps and (x > first_epoch_steps).any():
+                zv_late.append(float(np.mean(zv[x > first_epoch_steps])))
+        std = f" +- {np.std(after, ddof=1):.3f}" if len(after) > 1 else ""
+        row = (
+            (
+                f"| {analysis.VARIANT_LABELS.get(v, v)} | {len(runs)} | {min(steps)} "
+                f"| {np.mean(before):.3f} "
+                f"| {np.mean(after):.3f}{std} | {', '.join(f'{a:.3f}' for a in after)} "
+                f"| {np.mean(last3):.3f} | {np.mean(zv_all):.3f} |"
+            )
+            if after
+            else f"| {v} | {len(runs)} | {min(steps)} | (unfinished) | | | | |"
+        )
+        if first_epoch_steps and after:
+            row += f" {np.mean(zv_late):.3f} |" if zv_late else " |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", required=True, help="sweep directory (from experiments.ablations)")
+    p.add_argument("--dest", default="docs/results", help="where PNGs, report.md, json go")
+    p.add_argument("--only", default=",".join(PARTS), help=f"subset of {PARTS}")
+    p.add_argument("--config", default=analysis.DEFAULT_CONFIG)
+    p.add_argument("--draws", type=int, default=50, help="(i): independent batches per mode")
+    p.add_argument("--history", type=int, default=16, help="(i): rollouts per prompt of history")
+    p.add_argument("--entropy_batches", type=int, default=8, help="(iv): batches")
+    p.add_argument(
+        "--entropy_lrs", default="1e-3,1e-2", help="(iv): comma-separated SGD learning rates"
+    )
+    p.add_argument("--entropy_adam_lr", type=float, default=1e-4, help="(iv): AdamW lr (0: skip)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    parts = set(args.only.split(","))
+    os.makedirs(args.dest, exist_ok=True)
+    config = analysis.load_base_config(args.config)
+    B = config.prompts_per_step * config.rollouts_per_prompt
+    results: dict = {}
+    md: dict[str, str] = {}
+    json_path = os.path.join(args.dest, "results.json")
+    if os.path.exists(json_path):
+        results = json.load(open(json_path))
+
+    def dest(name):
+        return os.path.join(args.dest, name)
+
+    if "sweep" in parts:
+        sweep = analysis.load_sweep(args.out)
+        if sweep:
+            epoch = -(-config.data.num_train // config.prompts_per_step)
+            analysis.plot_accuracy_vs_rollouts(sweep, B, dest("accuracy_vs_rollouts.png"))
+            analysis.plot_zero_variance(sweep, dest("zero_variance.png"))
+            analysis.plot_training_curves(sweep, dest("training_curves.png"))
+            for v in ("dynamo", "alloc_only"):
+                if v in sweep:
+                    seed = min(sweep[v])
+                    hists = analysis.read_allocation_histograms(sweep[v][seed]["workdir"])
+                    analysis.plot_allocation_histogram(
+                        hists,
+                        config.allocation.n_high,
+                        dest(f"allocation_{v}.png"),
+                        f"{analysis.VARIANT_LABELS[v]}, seed {seed}: prompts per group size",
+                    )
+            table = sweep_tables(sweep, B, epoch)
+            md["sweep"] = table
+            results["sweep"] = {
+                v: {
+                    str(s): {
+                        "summary": r["summary"],
+                        "eval": analysis.series(r["metrics"], "eval_accuracy")[1].tolist(),
+                    }
+                    for s, r in runs.items()
+                }
+                for v, runs in sweep.items()
+            }
+            print(table)
+        else:
+            print(f"no runs under {args.out}", file=sys.stderr)
+
+    if "controlled" in parts:
+        r = analysis.controlled_allocation_experiment(seed=args.seed)
+        analysis.plot_controlled(r, dest("controlled_allocation.png"))
+        curves = analysis.controlled_vs_history(seed=args.seed)
+        analysis.plot_controlled_vs_history(curves, dest("controlled_vs_history.png"))
+        results["controlled_vs_history"] = analysis.to_jsonable(curves)
+        table = analysis.controlled_table(r)
+        md["controlled"] = table
+        results["controlled"] = analysis.to_jsonable(r)
+        print(table)
+
+    policy = None
+    if parts & {"i", "iv"}:
+        sft = os.path.join(args.out, analysis.SFT_DIRNAME)
+        policy = analysis.load_policy(sft, config)
+
+    if "i" in parts:
+        t0 = time.time()
+        r = analysis.pg_covariance_experiment(
+            policy, draws=args.draws, history=args.history, seed=args.seed, log=print
+        )
+        analysis.plot_pg_covariance(r, dest("pg_covariance.png"))
+        table = analysis.pg_covariance_table(r)
+        md["i"] = f"{args.draws} draws per mode, {time.time() - t0:.0f} s\n\n{table}"
+        results["pg_covariance"] = analysis.to_jsonable(r)
+        print(table)
+
+    if "iv" in parts:
+        t0 = time.time()
+        lrs = [float(x) for x in args.entropy_lrs.split(",") if x]
+        r = analysis.entropy_change_experiment(
+            policy, batches=args.entropy_batches, learning_rates=lrs, seed=args.seed, log=print
+        )
+        analysis.plot_entropy_change(r, dest("entropy_change.png"))
+        tables = [analysis.entropy_change_table(r)]
+        results["entropy_change"] = analysis.to_jsonable(
+            {
+                **r,
+                "by_lr": {
+                    str(k): {kk: vv for kk, vv in v.items() if kk != "samples"}
+                    for k, v in r["by_lr"].items()
+                },
+            }
+        )
+        if args.entropy_adam_lr > 0:
+            ra = analysis.entropy_change_experiment(
+                policy,
+                batches=args.entropy_batches,
+                learning_rates=[args.entropy_adam_lr],
+                optimizer="adam",
+                seed=args.seed,
+            )
+            tables.append("\n".join(analysis.entropy_change_table(ra).splitlines()[2:]))
+            results["entropy_change_adam"] = analysis.to_jsonable(
+                {
+                    **ra,
+                    "by_lr": {
+                        str(k): {kk: vv for kk, vv in v.items() if kk != "samples"}
+                        for k, v in ra["by_lr"].items()
+                    },
+                }
+            )
+        table = "\n".join(tables)
+        md["iv"] = f"{args.entropy_batches} batches, {time.time() - t0:.0f} s\n\n{table}"
+        print(table)
+
+    with open(json_path, "w") as f:
+        json.dump(analysis.to_jsonable(results), f, indent=1)
+    for part, text in md.items():
+        with open(dest(f"report_{part}.md"), "w") as f:
+            f.write(text + "\n")
+    print(f"wrote {args.dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
