@@ -182,6 +182,9 @@ def get_default_config() -> ml_collections.ConfigDict:
     # data.task = "math": comma-separated name=path.jsonl benchmark files (AIME24=..., ...)
     c.eval.benchmarks = ""
     c.eval.pass_k = 32  # report pass@k and maj@k with k = this (<= samples_per_prompt)
+    # Key of the held-out samples; -1 = derived from `seed`. Set it (e.g. 0) to score runs with
+    # different RL seeds on the same held-out samples.
+    c.eval.seed = -1
 
     c.sft = ml_collections.ConfigDict()  # supervised warm start (synthetic tasks)
     c.sft.steps = 0
@@ -191,6 +194,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.sft.target_accuracy = 0.0  # stop early once held-out accuracy reaches this
     c.sft.label_noise = 0.0  # synthetic tasks: share of warm-start answers with a wrong digit
     c.sft.eval_every = 50
+    c.sft.seed = 0  # data order of the warm start (independent of the RL `seed`)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by the other axes

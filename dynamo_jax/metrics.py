@@ -77,8 +77,11 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _clean(v) for k, v in scalars.items()}}
+        # Histogram inputs (e.g. the allocation) go to the JSONL exactly, as lists; TensorBoard
+        # only keeps bucket counts.
+        exact = {k: np.asarray(v).tolist() for k, v in (histograms or {}).items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({**record, **exact}) + "\n")
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and value is not None:

@@ -115,6 +115,43 @@ def _hf_architecture(config: Any, tokenizer: Any) -> dict[str, Any]:
     return arch
 
 
+# The config sections that decide what the cached warm start is.
+_WARM_START_FIELDS = ("model", "tokenizer", "data", "sft")
+
+
+def warm_start_fingerprint(config: Any) -> dict[str, Any]:
+    """The config fields a cached warm start was made with (JSON-able, flat dotted keys)."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if hasattr(node, "items"):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        else:
+            flat[prefix] = list(node) if isinstance(node, tuple | list) else node
+
+    for section in _WARM_START_FIELDS:
+        walk(config[section], section)
+    for unused in ("model.path", "model.remat"):  # change nothing the warm start learned
+        flat.pop(unused, None)
+    return json.loads(json.dumps(flat))
+
+
+def check_warm_start(sft_dir: str, fingerprint: dict[str, Any]) -> None:
+    """Raise if the cached warm start in `sft_dir` was made with other settings than these."""
+    path = os.path.join(sft_dir, "sft_summary.json")
+    saved = json.load(open(path)).get("fingerprint") if os.path.exists(path) else None
+    if saved is None:
+        return  # made before fingerprints existed: nothing to compare
+    diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: cached {saved.get(k)!r}, now {fingerprint.get(k)!r}" for k in diff)
+        raise ValueError(
+            f"The cached warm start in {sft_dir} was made with other settings ({shown}). "
+            "Use another --workdir, or delete that folder to train the warm start again."
+        )
+
+
 def build_model(config: Any, task: Task, workdir: str, mesh: Any, log: Callable[[str], None]):
     """The policy: a local HF checkpoint, or a random model warm-started by SFT (cached)."""
     from dynamo_jax import models
@@ -130,7 +167,9 @@ def build_model(config: Any, task: Task, workdir: str, mesh: Any, log: Callable[
             remat=config.model.remat,
         ), {}
     sft_dir = os.path.join(workdir, "sft_model")
+    fingerprint = warm_start_fingerprint(config)
     if os.path.exists(os.path.join(sft_dir, "config.json")):
+        check_warm_start(sft_dir, fingerprint)
         log(f"loading the cached supervised warm start from {sft_dir}")
         model = models.load_pretrained(
             sft_dir, dtype=dtype, param_dtype=param_dtype, mesh=mesh, remat=config.model.remat
@@ -176,13 +215,14 @@ def build_model(config: Any, task: Task, workdir: str, mesh: Any, log: Callable[
             batch_size=config.sft.batch_size,
             learning_rate=config.sft.learning_rate,
             pad_id=task.tokenizer.pad_id,
-            seed=config.seed,
+            seed=config.sft.seed,
             evaluate=held_out_accuracy,
             eval_every=config.sft.eval_every,
             target_accuracy=config.sft.target_accuracy,
             log=log,
         )
         summary["sft_seconds"] = time.perf_counter() - t0
+        summary["fingerprint"] = fingerprint
         if jax.process_index() == 0:
             models.save_pretrained(model, sft_dir)
             with open(os.path.join(sft_dir, "sft_summary.json"), "w") as f:
@@ -437,7 +477,8 @@ def train(
         log(f"resumed from {checkpointer.directory} at step {start_step}")
 
     key = jax.random.key(config.seed)
-    eval_key = jax.random.fold_in(key, 2**31 - 1)
+    eval_seed_key = key if config.eval.seed < 0 else jax.random.key(config.eval.seed)
+    eval_key = jax.random.fold_in(eval_seed_key, 2**31 - 1)
     eval_dir = os.path.join(workdir, "eval")
     summary: dict[str, Any] = dict(sft_summary)
     summary_path = os.path.join(workdir, "summary.json")

@@ -74,3 +74,24 @@ def test_chunked_generation_equals_one_call():
         assert a[k][1] == b[k][1]
         assert a[k][3] == b[k][3] == ids[k[0]]
         np.testing.assert_allclose(a[k][2], b[k][2], atol=1e-5)
+
+
+def test_cached_warm_start_must_match_the_config(tmp_path):
+    import json
+
+    from configs import arith_tiny
+    from dynamo_jax.trainer import check_warm_start, warm_start_fingerprint
+
+    c = arith_tiny.get_config()
+    fp = warm_start_fingerprint(c)
+    assert fp["sft.steps"] == c.sft.steps and fp["model.architecture.hidden_size"] == 128
+    (tmp_path / "sft_summary.json").write_text(json.dumps({"fingerprint": fp}))
+    check_warm_start(str(tmp_path), fp)  # same settings: fine
+    c.seed, c.train.num_steps, c.model.remat = 5, 7, True  # RL-only fields do not matter
+    check_warm_start(str(tmp_path), warm_start_fingerprint(c))
+    c.sft.label_noise = 0.0
+    c.model.architecture.hidden_size = 64
+    with pytest.raises(ValueError) as e:
+        check_warm_start(str(tmp_path), warm_start_fingerprint(c))
+    assert "sft.label_noise: cached 0.3, now 0.0" in str(e.value)
+    assert "model.architecture.hidden_size" in str(e.value) and "--workdir" in str(e.value)
