@@ -53,7 +53,9 @@ def pass_at_k(n, c, k: int):
 
 
 def mean_pass_at_k(num_samples, num_correct, k: int) -> float:
-    """pass@k averaged over problems."""
+    """pass@k averaged over problems (ValueError when there are none: no NaN)."""
+    if np.size(num_samples) == 0 or np.size(num_correct) == 0:
+        raise ValueError("pass@k of no problems")
     return float(np.mean(pass_at_k(np.asarray(num_samples), np.asarray(num_correct), k)))
 
 
@@ -97,6 +99,8 @@ def maj_at_k(
             raise ValueError(f"problem {p}: {len(answers)} answers, {len(correct)} flags")
         if k is not None and (k < 1 or k > len(answers)):
             raise ValueError(f"problem {p}: k={k} but {len(answers)} samples")
+        if not len(answers):
+            raise ValueError(f"problem {p} has no samples")
         m = len(answers) if k is None else k
         winner = majority_answer(list(answers[:m]))
         out[p] = winner is not None and bool(correct[winner])
@@ -104,8 +108,19 @@ def maj_at_k(
 
 
 def pass_at_1(correct_per_problem: Sequence[Sequence[bool]]) -> float:
-    """Mean over problems of the fraction of correct samples (= mean pass@k at k=1)."""
-    return float(np.mean([np.mean(np.asarray(c, float)) for c in correct_per_problem]))
+    """Mean over problems of the fraction of correct samples (= mean pass@k at k=1).
+
+    ValueError when there are no problems or a problem has no samples (never NaN).
+    """
+    if len(correct_per_problem) == 0:
+        raise ValueError("pass@1 of no problems")
+    fractions = []
+    for p, c in enumerate(correct_per_problem):
+        c = np.asarray(c, float)
+        if c.size == 0:
+            raise ValueError(f"problem {p} has no samples")
+        fractions.append(np.mean(c))
+    return float(np.mean(fractions))
 
 
 def _is_count(name: str) -> bool:
@@ -190,13 +205,20 @@ def _pass_ks(k: int, pass_k: int | Sequence[int] | None) -> list[int]:
 def _as_correct_and_answers(result: Any, texts: Sequence[str], extract: Callable):
     """A verifier's output -> ([N] bool, [N] extracted answers)."""
     if isinstance(result, tuple) and len(result) >= 2:  # MathVerify.details
-        return np.asarray(result[0], bool), list(result[1])
-    if hasattr(result, "correct"):  # rewards.math.VerifyResult
+        correct, answers = np.asarray(result[0], bool), list(result[1])
+    elif hasattr(result, "correct"):  # rewards.math.VerifyResult
         answers = getattr(result, "answers", None)
         if answers is None:
             answers = [extract(t) for t in texts]
-        return np.asarray(result.correct, bool), list(answers)
-    return np.asarray(result, bool), [extract(t) for t in texts]
+        correct, answers = np.asarray(result.correct, bool), list(answers)
+    else:
+        correct, answers = np.asarray(result, bool), [extract(t) for t in texts]
+    if correct.shape != (len(texts),) or len(answers) != len(texts):
+        raise ValueError(
+            f"verify returned {correct.size} flags and {len(answers)} answers for "
+            f"{len(texts)} responses"
+        )
+    return correct, answers
 
 
 def evaluate_benchmarks(
@@ -303,30 +325,37 @@ def evaluate_benchmarks(
                 greedy=greedy,
             )
             for r in np.flatnonzero(out.valid):
+                g = int(out.group_id[r])  # the prompt's position in this call
                 n_tok = int(out.response_lengths[r])
                 texts.append(tokenizer.decode(out.response_tokens[r, :n_tok].tolist()))
-                problem_of.append(start + int(out.group_id[r]))
+                problem_of.append(start + g if 0 <= g < stop - start else -1)
                 sample_of.append(int(out.sample_index[r]))
                 lengths.append(n_tok)
                 truncated.append(int(out.finish_reason[r]) == _FINISH_LENGTH)
-        golds = [str(records[p]["answer"]) for p in problem_of]
-        correct, answers = _as_correct_and_answers(verify(texts, golds), texts, extract)
-        if len(correct) != len(texts):
-            raise ValueError(f"verify returned {len(correct)} flags for {len(texts)} responses")
-
-        # [problems, k] in sample order
-        grid_correct = np.zeros((len(records), k), bool)
-        grid_answers: list[list[str | None]] = [[None] * k for _ in records]
+        # Every (problem, sample) exactly once: out-of-range indices would wrap (s = -1) or pick
+        # another problem's gold answer, a repeated row would silently replace a sample.
         seen = np.zeros((len(records), k), bool)
-        for i, (p, s) in enumerate(zip(problem_of, sample_of, strict=True)):
-            grid_correct[p, s] = correct[i]
-            grid_answers[p][s] = answers[i]
+        for p, s in zip(problem_of, sample_of, strict=True):
+            if not (0 <= p < len(records) and 0 <= s < k) or seen[p, s]:
+                raise RuntimeError(
+                    f"benchmark {name!r}: the sampler returned an unexpected or repeated row "
+                    f"(problem {p}, sample {s}) for {len(records)} problems x {k} samples"
+                )
             seen[p, s] = True
         if not seen.all():
             raise RuntimeError(
                 f"benchmark {name!r}: the sampler returned {seen.sum()} of "
                 f"{seen.size} (problem, sample) rows"
             )
+        golds = [str(records[p]["answer"]) for p in problem_of]
+        correct, answers = _as_correct_and_answers(verify(texts, golds), texts, extract)
+
+        # [problems, k] in sample order
+        grid_correct = np.zeros((len(records), k), bool)
+        grid_answers: list[list[str | None]] = [[None] * k for _ in records]
+        for i, (p, s) in enumerate(zip(problem_of, sample_of, strict=True)):
+            grid_correct[p, s] = correct[i]
+            grid_answers[p][s] = answers[i]
         num_correct = grid_correct.sum(axis=1)
         metrics: dict[str, Any] = {"num_problems": len(records), "pass@1": pass_at_1(grid_correct)}
         for kk in ks[1:]:

@@ -141,6 +141,8 @@ def load_benchmarks(config: Any) -> dict[str, list[dict[str, str]]]:
         if not os.path.isfile(path):
             raise ConfigError(f"eval.benchmarks: {name}={path!r}: no such file")
         out[name] = sources.JsonlSource(path, fields, derive_ids=True).load()
+        if not out[name]:  # fail at start, not at the first evaluation (after model loading)
+            raise sources.DataError(f"eval.benchmarks: {name}={path!r} holds no problems")
     return out
 
 
@@ -218,12 +220,14 @@ class MathVerify:
 
         kw = {} if num_workers is None else {"num_workers": num_workers}
         self.verifier = MathVerifier(time_limit=time_limit, **kw)
+        self.last = None  # the latest VerifyResult (padding rows left out): .metrics(), .status
 
     def details(self, responses: Sequence[str], answers: Sequence[str]):
         if len(responses) != len(answers):
             raise ValueError(f"{len(responses)} responses but {len(answers)} answers")
         keep = [i for i, a in enumerate(answers) if str(a) != ""]
         result = self.verifier([responses[i] for i in keep], [str(answers[i]) for i in keep])
+        self.last = result
         correct = np.zeros(len(responses), bool)
         correct[keep] = result.correct
         extracted: list[str | None] = [None] * len(responses)

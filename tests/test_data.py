@@ -7,6 +7,7 @@ import pytest
 
 from dynamo_jax.data import (
     CHATML_TEMPLATE,
+    DEFAULT_FIELDS,
     PLAIN_TEMPLATE,
     QWEN_MATH_SYSTEM,
     DataError,
@@ -19,6 +20,7 @@ from dynamo_jax.data import (
     format_prompts,
     load_records,
 )
+from dynamo_jax.data.sources import to_record
 
 ROWS = [
     {"id": "a", "problem": "What is 1+1?", "answer": "2"},
@@ -77,6 +79,7 @@ def test_jsonl_derived_ids_only_with_flag(tmp_path):
         ('{"id": "x", "problem": 5, "answer": "1"}', r"line 3: field 'prompt' .* must be a string"),
         ('{"id": "x", "problem": ["p"], "answer": "1"}', r"line 3: field 'prompt'.*got list"),
         ('{"id": "x", "problem": "  ", "answer": "1"}', r"line 3: field 'prompt'.*is empty"),
+        ('{"id": "x", "problem": "p", "answer": ""}', r"line 3: field 'answer'.*is empty"),
         ('{"id": "x", "problem": "p", "answer": null}', r"line 3: missing field 'answer'"),
         ('{"id": true, "problem": "p", "answer": "1"}', r"line 3: field 'id'.*got bool"),
         ("[1, 2, 3]", r"line 3: expected an object"),
@@ -87,6 +90,34 @@ def test_jsonl_errors_name_file_line_and_field(tmp_path, bad_line, message):
     with pytest.raises(DataError, match=message) as info:
         JsonlSource(path).load()
     assert str(path) in str(info.value)
+
+
+def test_jsonl_bad_encoding_names_the_line_and_bom_is_accepted(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    good = json.dumps(ROWS[0]).encode()
+    path.write_bytes(b"\xef\xbb\xbf" + good + b"\n" + '{"id": "b", "problem": "caf\u00e9", '
+                     '"answer": "1"}\n'.encode("latin-1"))  # fmt: skip
+    with pytest.raises(DataError, match=r"latin1\.jsonl:line 2: not UTF-8"):
+        JsonlSource(path).load()
+    path.write_bytes(b"\xef\xbb\xbf" + good + b"\r\n")  # a BOM and CRLF line ends
+    assert JsonlSource(path).load() == EXPECTED[:1]
+
+
+def test_numpy_numbers_become_their_shortest_text():
+    # TFDS rows hold numpy scalars: np.float64's repr is "np.float64(0.5)", and float32 widened
+    # to float64 prints "0.10000000149011612"; both would never match a model's answer.
+    row = {"id": np.float64(3.0), "problem": np.str_("p"), "answer": np.float64(0.5)}
+    assert to_record(row, DEFAULT_FIELDS, where="w", derived_id=None) == {
+        "id": "3",
+        "prompt": "p",
+        "answer": "0.5",
+    }
+    row = {"id": np.int64(4), "problem": "p", "answer": np.float32(0.1)}
+    assert to_record(row, DEFAULT_FIELDS, where="w", derived_id=None)["answer"] == "0.1"
+    for bad in (np.float32("nan"), np.float64("inf"), np.bool_(True)):
+        with pytest.raises(DataError, match="w: field 'answer'"):
+            to_record({"id": "a", "problem": "p", "answer": bad}, DEFAULT_FIELDS, where="w",
+                      derived_id=None)  # fmt: skip
 
 
 def test_jsonl_duplicate_ids_name_both_rows(tmp_path):
@@ -319,6 +350,25 @@ def test_iterator_epoch_property_and_indices():
     np.testing.assert_array_equal(np.sort(it.order(4)), np.arange(10))
 
 
+def test_iterator_order_is_the_same_in_every_process():
+    # Nothing may depend on Python's per-process hash seed (a resumed run is a new process).
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from dynamo_jax.data.iterator import PromptIterator as P; "
+        "it = P(list(range(10)), batch_size=3, seed=11); "
+        "print([int(i) for _ in range(5) for i in it.next_indices()])"
+    )
+    here = PromptIterator(list(range(10)), batch_size=3, seed=11)
+    expected = str([int(i) for _ in range(5) for i in here.next_indices()])
+    for hash_seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert out.stdout.strip() == expected, out.stderr
+
+
 def test_iterator_validation():
     with pytest.raises(ValueError):
         PromptIterator([], batch_size=1, seed=0)
@@ -326,6 +376,8 @@ def test_iterator_validation():
         PromptIterator(RECORDS, batch_size=0, seed=0)
     with pytest.raises(ValueError, match="never yield"):
         PromptIterator(RECORDS, batch_size=11, seed=0)
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        PromptIterator(RECORDS, batch_size=2, seed=-1)
     it = PromptIterator(RECORDS, batch_size=2, seed=0)
     with pytest.raises(ValueError, match="seed"):
         it.restore({"epoch": 0, "position": 0, "seed": 5})

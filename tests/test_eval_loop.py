@@ -109,6 +109,9 @@ def test_build_math_task(tokenizer_dir, data_dir):
             ["so \\boxed{4}", "\\boxed{0.5}", "no answer", "\\boxed{4}"], ["4"] * 2 + ["1", ""]
         )
         np.testing.assert_array_equal(ok, [True, False, False, False])  # "" = padding row
+        # The latest details stay available for metrics (padding rows left out).
+        assert task.verify.last.counts == {"ok": 2, "no_answer": 1, "parse_error": 0, "timeout": 0}
+        assert task.verify.last.metrics()["verify/accuracy"] == pytest.approx(1 / 3)
     finally:
         task.close()
 
@@ -311,6 +314,72 @@ def test_scripted_benchmark_exact_numbers(tmp_path):
     assert data["average"]["num_problems"] == 4
     assert "| **average** | 4 | 66.7 | 83.3 | 66.7 |" in markdown  # pass@1, pass@4, maj@4
     assert (tmp_path / "scripted.md").exists() and (tmp_path / "scripted.json").exists()
+
+
+class _ShuffledSampler(_ScriptedSampler):
+    """The scripted rows (padding included) in a random order, optionally edited by `edit`."""
+
+    def __init__(self, responses, seed, edit=None):
+        super().__init__(responses)
+        self.seed, self.edit = seed, edit
+
+    def generate(self, *args, **kwargs):
+        out = vars(super().generate(*args, **kwargs))
+        perm = np.random.default_rng(self.seed).permutation(len(out["valid"]))
+        out = {name: np.asarray(v)[perm] for name, v in out.items()}
+        if self.edit is not None:
+            out = self.edit(out)
+        return types.SimpleNamespace(**out)
+
+
+def _repeat_first_row_answering_correctly(out):
+    # One extra row repeating a real (problem, sample) with a correct response (token 0 = "4").
+    r = int(np.flatnonzero(out["valid"] & (out["group_id"] == 0))[0])
+    extra = {name: v[r : r + 1].copy() for name, v in out.items()}
+    extra["response_tokens"][:] = 0
+    return {name: np.concatenate([v, extra[name]]) for name, v in out.items()}
+
+
+def _wrap_last_sample_index(out):
+    r = int(np.flatnonzero(out["valid"] & (out["sample_index"] == 3) & (out["group_id"] == 0))[0])
+    out["sample_index"][r] = -1  # would index the last column of a numpy grid
+    return out
+
+
+def test_rows_in_any_order_and_bad_rows_are_caught():
+    texts = ["\\boxed{4}", "\\boxed{5}", "I give up"]
+    script = [[1, 1, 0, 2], [0, 0, 0, 1]]  # gold 4 for both: 1 and 3 correct
+    records = [{"id": f"p{i}", "prompt": "x", "answer": "4"} for i in range(2)]
+    kwargs = dict(
+        k=4,
+        temperature=1.0,
+        verify=math_task.MathVerify(num_workers=0).details,
+        key=0,
+        encode_prompt=lambda p: [1],
+        pass_k=(2, 4),
+    )
+    results = []
+    for seed in range(3):  # rows and padding shuffled: every answer still meets its own gold
+        _, data = evaluation.evaluate_benchmarks(
+            _ShuffledSampler(script, seed), None, _Vocab(texts), {"b": records}, **kwargs
+        )
+        results.append(data["details"]["b"]["per_problem"])
+    assert [p["num_correct"] for p in results[0]] == [1, 3]
+    assert [p["maj@4"] for p in results[0]] == [False, True]
+    assert results[0] == results[1] == results[2]
+    for edit in (_repeat_first_row_answering_correctly, _wrap_last_sample_index):
+        with pytest.raises(RuntimeError, match="unexpected or repeated row"):
+            evaluation.evaluate_benchmarks(
+                _ShuffledSampler(script, 0, edit), None, _Vocab(texts), {"b": records}, **kwargs
+            )
+
+
+def test_empty_benchmark_file_fails_at_load(tokenizer_dir, data_dir, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    config = _math_config(tokenizer_dir, data_dir)
+    config.eval.benchmarks = f"tiny_a={data_dir / 'tiny_a.jsonl'},empty={tmp_path / 'empty.jsonl'}"
+    with pytest.raises(math_task.sources.DataError, match="empty=.*holds no problems"):
+        math_task.load_benchmarks(config)
 
 
 def test_eval_script_base_model_and_checkpoint(tokenizer_dir, data_dir, tmp_path):

@@ -69,6 +69,21 @@ def test_mean_pass_at_k_and_pass_at_1():
     assert mean_pass_at_k([4, 4], [sum(c) for c in correct], 4) == 1.0
 
 
+def test_no_problems_or_no_samples_raise_instead_of_nan():
+    with pytest.raises(ValueError, match="no problems"):
+        pass_at_1([])
+    with pytest.raises(ValueError, match="problem 1 has no samples"):
+        pass_at_1([[True], []])
+    with pytest.raises(ValueError, match="no problems"):
+        mean_pass_at_k([], [], 1)
+    with pytest.raises(ValueError):
+        mean_pass_at_k([2, 0], [1, 0], 1)  # k > n for the second problem
+    with pytest.raises(ValueError, match="problem 1 has no samples"):
+        maj_at_k([["1"], []], [[True], []])
+    assert pass_at_1(np.array([[True, False], [True, True]])) == pytest.approx(0.75)
+    assert mean_pass_at_k(4, 2, 2) == pytest.approx(5 / 6)  # scalars still work
+
+
 def test_majority_vote_groups_by_normalised_answer():
     answers = ["\\frac{1}{2}", "\\dfrac{1}{2}", "3", "3", "$\\frac{1}{2}$", None]
     assert majority_answer(answers) == 0  # 3 votes for 1/2 (first at index 0) vs 2 for 3

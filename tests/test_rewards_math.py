@@ -35,6 +35,9 @@ def _hook_score(pred: str, gold: str):
         raise RuntimeError("parser blew up")
     if pred == "ALLOC":  # runaway memory: the worker's address-space limit turns it into an error
         bytearray(64 << 30)
+    if pred == "SLOW":  # correct, but only after a while
+        time.sleep(1.0)
+        return True, "ok"
     return score_answer(pred, gold)
 
 
@@ -277,6 +280,26 @@ def test_normalize_answer():
     assert normalize_answer(None) == ""
 
 
+def test_normalize_space_between_numbers_is_kept():
+    # "1 2" is two numbers, not 12; a three-digit group after a space is a thousands separator.
+    assert normalize_answer("1 2") == "1 2"
+    assert not is_equivalent("1 2", "12") and not is_equivalent("12", "1 2")
+    assert normalize_answer("1\\,000 000") == "1000000"
+    assert is_equivalent("1\\,000", "1000") and is_equivalent("12 345", "12345")
+    assert normalize_answer("2 x") == "2x" and normalize_answer("( 1 , 2 )") == "(1,2)"
+
+
+def test_normalize_is_linear_on_pathological_inputs():
+    # Majority votes normalise every extracted answer in the caller's process, with no length cap:
+    # a quadratic unit-stripping regex took ~6 s on the first of these (97 s at 4x the length).
+    cases = ["5" + " m^2" * 5_000 + " x", "5" + " m^{2" * 5_000 + "x", "5 sq m^2" * 2_500 + "x"]
+    t0 = time.perf_counter()
+    for c in cases:
+        normalize_answer(c)
+    assert time.perf_counter() - t0 < 1.0
+    assert normalize_answer("12 square meters") == "12" and normalize_answer("5 m^2") == "5"
+
+
 def test_rewards():
     np.testing.assert_array_equal(rewards(np.array([True, False])), [1.0, -1.0])
     out = rewards([True, False, True], correct_reward=1.0, incorrect_reward=0.0)
@@ -372,6 +395,25 @@ def test_timeouts_kill_and_replace_workers():
     assert all(p.poll() is not None for p in procs)  # closed: no workers left behind
     with pytest.raises(RuntimeError, match="closed"):
         v(["\\boxed{1}"], ["1"])
+
+
+def test_interrupted_call_does_not_leak_its_result_into_the_next(monkeypatch):
+    import dynamo_jax.rewards.math as reward_math
+
+    with MathVerifier(num_workers=1, time_limit=5.0, score_fn=HOOK) as v:
+        v.wait_ready()
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(reward_math, "wait", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            v(["\\boxed{SLOW}"], ["1"])  # the worker keeps computing "correct" for this call
+        monkeypatch.undo()
+        # The next call's first task must not receive the interrupted call's late answer.
+        r = v(["\\boxed{2}"], ["1"])
+        assert r.correct.tolist() == [False] and r.status.tolist() == ["ok"]
+        assert v(["\\boxed{1}"], ["1"]).correct.tolist() == [True]
 
 
 def test_in_process_mode_and_soft_timeout():

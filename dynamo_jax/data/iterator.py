@@ -37,6 +37,8 @@ class PromptIterator:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if len(records) == 0:
             raise ValueError("no records to iterate over")
+        if int(seed) < 0:  # numpy's SeedSequence would only reject it at the first batch
+            raise ValueError(f"seed must be >= 0, got {seed}")
         if drop_remainder and batch_size > len(records):
             raise ValueError(
                 f"batch_size {batch_size} > {len(records)} records with drop_remainder=True "

@@ -58,14 +58,19 @@ def _as_text(value: Any, key: str) -> str | None:
         except UnicodeDecodeError:
             return None
     if isinstance(value, str):
-        return value
+        return str(value)  # np.str_ -> str
     if key in ("id", "answer") and not isinstance(value, bool):
         if isinstance(value, int):
             return str(value)
         if isinstance(value, float) and math.isfinite(value):
+            value = float(value)  # np.float64 is a float whose repr is "np.float64(0.5)"
             return str(int(value)) if value.is_integer() and key == "id" else repr(value)
     if hasattr(value, "item") and getattr(value, "shape", None) == ():  # numpy scalar
-        return _as_text(value.item(), key)
+        if getattr(getattr(value, "dtype", None), "kind", "") == "f":
+            # str() is the shortest text that round-trips in the value's own precision: "0.1"
+            # for float32 0.1, where .item() widens it to "0.10000000149011612".
+            value = float(str(value))
+        return _as_text(value.item() if hasattr(value, "item") else value, key)
     return None
 
 
@@ -95,7 +100,7 @@ def to_record(
                 f"{where}: field {key!r} (column {column!r}) must be a string, "
                 f"got {type(value).__name__}"
             )
-        if key != "answer" and not text.strip():
+        if not text.strip():  # an empty answer would score every response wrong, silently
             raise DataError(f"{where}: field {key!r} (column {column!r}) is empty")
         out[key] = text
     return out
@@ -146,11 +151,15 @@ class JsonlSource(_Source):
     def _rows(self) -> Iterator[tuple[str, Any]]:
         if not os.path.isfile(self.path):
             raise DataError(f"{self.path}: no such file")
-        with open(self.path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
+        with open(self.path, "rb") as f:  # decoded line by line: errors can name the line
+            for line_no, raw in enumerate(f, start=1):
+                where = f"{self.path}:line {line_no}"
+                try:
+                    line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
                 if not line.strip():
                     continue
-                where = f"{self.path}:line {line_no}"
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:

@@ -32,7 +32,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from multiprocessing.connection import Connection, wait
 
 import numpy as np
@@ -166,6 +166,10 @@ _UNIT_WORDS = (
 _TRAILING_UNIT = re.compile(
     rf"(?<=[\d}}])[ \t]*(?:(?:{_UNIT_WORDS})\b(?:\^\{{?[23]\}}?)?\.?[ \t]*)+$"
 )
+# Units are searched for only in the last characters: from every digit or "}" the pattern can run
+# to the end before failing, so over a whole answer it is quadratic ("5 m^2 m^2 ... m^2 x": 97 s
+# at 80k characters, and `normalize_answer` runs in the caller's process for majority votes).
+_UNIT_WINDOW = 100
 _DEGREES = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°|\\degree")
 _LEFT_RIGHT = re.compile(r"\\(?:left|right|big|Big|bigg|Bigg)(?![A-Za-z])")
 # "\\\\" (a row break) comes first so that its second backslash is never read as "\\ ".
@@ -174,7 +178,12 @@ _FRAC_VARIANTS = re.compile(r"\\[dt]frac(?![A-Za-z])")
 _THOUSANDS = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _SCIENTIFIC = re.compile(r"^(-?\d+(?:\.\d+)?)[eE]([+-]?\d+)$")
 _CHOICE = re.compile(r"^\(([A-Ea-e])\)$")
-_SOFT_SPACE = re.compile(r"(?<![A-Za-z]) | (?![A-Za-z])")
+# A space is dropped unless it separates two letters ("\pi r") or two numbers ("1 2" is not 12);
+# a space before a group of exactly three digits is a thousands separator ("1\,000" = 1000).
+_SOFT_SPACE = re.compile(
+    r"(?<![A-Za-z0-9]) | (?![A-Za-z0-9])|(?<=[A-Za-z]) (?=\d)|(?<=\d) (?=[A-Za-z])"
+    r"|(?<=\d) (?=\d{3}(?!\d))"
+)
 
 
 def _strip_decorations(answer: str, *, keep_percent: bool) -> str:
@@ -198,9 +207,9 @@ def _strip_decorations(answer: str, *, keep_percent: bool) -> str:
     s = _FRAC_VARIANTS.sub(r"\\frac", s)
     s = s.replace("{,}", ",")
     s = " ".join(s.split())
-    stripped = _TRAILING_UNIT.sub("", s)
-    if stripped.strip():
-        s = stripped
+    m = _TRAILING_UNIT.search(s, max(0, len(s) - _UNIT_WINDOW))
+    if m and s[: m.start()].strip():
+        s = s[: m.start()]
     s = s.strip().rstrip(".").strip()
     if _THOUSANDS.match(s):
         s = s.replace(",", "")
@@ -218,7 +227,7 @@ def normalize_answer(answer: str | None) -> str:
     if answer is None:
         return ""
     s = _strip_decorations(str(answer), keep_percent=False)
-    return _SOFT_SPACE.sub("", s)  # keep only spaces between letters ("\pi r")
+    return _SOFT_SPACE.sub("", s)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -536,6 +545,10 @@ class MathVerifier:
             parent_death_signal=threading.current_thread() is threading.main_thread(),
         )
         self.total_restarts = 0
+        # Task ids are unique over the verifier's life: a worker still busy with the task of an
+        # interrupted call (KeyboardInterrupt, an exception in the caller) must not have its late
+        # answer taken for the task with the same index in the next call.
+        self._next_task_id = 0
         self._ever_ready = False
         self._start_failures = 0
         self._workers: list[_Worker] = []
@@ -616,27 +629,30 @@ class MathVerifier:
         if not self._workers:
             raise RuntimeError("MathVerifier is closed")
         results: list[tuple[bool, str] | None] = [None] * len(tasks)
+        base = self._next_task_id
+        self._next_task_id += len(tasks)
+        live = range(base, base + len(tasks))
         pending = deque(range(len(tasks)))
         remaining = len(tasks)
         while remaining:
             for w in self._workers:
                 if w.ready and w.task is None and pending:
-                    tid = pending.popleft()
+                    i = pending.popleft()
                     try:
-                        w.to_child.send((tid, *tasks[tid]))
+                        w.to_child.send((base + i, *tasks[i]))
                     except OSError:  # died while idle: replace it and retry the task elsewhere
-                        pending.appendleft(tid)
+                        pending.appendleft(i)
                         self._replace(w)
                         continue
-                    w.task = tid
+                    w.task = base + i
                     w.deadline = time.monotonic() + self.time_limit + self.kill_grace
-            for tid, res in self._poll(set(range(len(tasks)))):
-                if results[tid] is None:
-                    results[tid] = res
+            for tid, res in self._poll(live):
+                if results[tid - base] is None:
+                    results[tid - base] = res
                     remaining -= 1
         return results  # type: ignore[return-value]
 
-    def _poll(self, live_tasks: set[int]) -> list[tuple[int, tuple[bool, str]]]:
+    def _poll(self, live_tasks: Container[int]) -> list[tuple[int, tuple[bool, str]]]:
         """Wait for one round of worker events; returns finished (task_id, result) pairs."""
         done: list[tuple[int, tuple[bool, str]]] = []
         waiting = [w for w in self._workers if not w.ready or w.task is not None]
