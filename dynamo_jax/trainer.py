@@ -566,6 +566,10 @@ def _rl_step(config, step, key, state, step_fn, sampler, task, stats, policy, it
     gid = out.group_id
     answers = [records[g]["answer"] if v else "" for g, v in zip(gid, valid, strict=True)]
     correct = task.verify(texts, answers) & valid
+    # Verifiers that report details (the math verifier: parse errors, time-outs, worker
+    # restarts) have them logged with the step; a failed answer never stops the step.
+    last = getattr(task.verify, "last", None)
+    verify_metrics = last.metrics() if hasattr(last, "metrics") else {}
     rewards = (
         np.where(
             correct, config.advantage.correct_reward, config.advantage.incorrect_reward
@@ -609,6 +613,7 @@ def _rl_step(config, step, key, state, step_fn, sampler, task, stats, policy, it
         "time_logprobs_s": t4 - t3,
         "time_update_s": t5 - t4,
         "tokens_per_s": float(out.response_mask.sum() / max(t5 - t0, 1e-9)),
+        **verify_metrics,
         **m,
     }
     return state, metrics, {"allocation": n}

@@ -487,6 +487,9 @@ def test_math_run_logs_benchmark_metrics(tokenizer_dir, data_dir, tmp_path):
         for name in (*PROBLEMS, "average"):
             assert {f"eval/{name}/{m}" for m in ("pass@1", "pass@2", "maj@2")} <= set(record)
         assert record["eval_accuracy"] == record["eval/average/pass@1"]
+        # the RL step logs its verifier's details: statuses (parse errors, time-outs) and restarts
+        assert record["verify/accuracy"] == pytest.approx(record["accuracy"])
+        assert {"verify/frac_timeout", "verify/worker_restarts"} <= set(record)
     assert summary["heldout_accuracy_after"] == summary["heldout_after"]["eval/average/pass@1"]
     written = sorted(p.name for p in (tmp_path / "eval").iterdir())
     assert written == [f"eval_step_{s}.{e}" for s in (0, 1) for e in ("json", "md")]
