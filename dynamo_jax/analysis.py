@@ -928,24 +928,17 @@ def load_policy(
 
 
 def _token_stats(policy: Policy, params: Any, batch: Mapping[str, Any], with_vocab: bool):
-    from flax import nnx
+    from dynamo_jax import train_step as ts
 
-    from dynamo_jax import losses
-
-    model = nnx.merge(policy.graphdef, params, policy.rest)
-    hidden = model(
-        batch["input_ids"], batch["positions"], batch["attention_mask"], return_hidden=True
-    )
-    m = batch["targets"].shape[1]
-    p = batch["input_ids"].shape[1] - m
-    h = hidden[:, p - 1 : p - 1 + m]
-    return losses.token_logprobs_and_entropy(
-        h,
-        model.lm_head_weight(),
-        batch["targets"],
-        policy.config.sampling.temperature,
-        policy.config.loss.logits_chunk_size,
-        with_vocab_expectation=with_vocab,
+    cfg = policy.config
+    return ts.response_token_stats(
+        policy.graphdef,
+        params,
+        policy.rest,
+        batch,
+        cfg.sampling.temperature,
+        cfg.loss.logits_chunk_size,
+        with_vocab,
     )
 
 
@@ -954,7 +947,7 @@ def sample_batch(
 ) -> dict[str, np.ndarray]:
     """Samples n_i rollouts per record with the policy; returns the train-layout batch plus
     rewards, correct, group_ids, valid (as the trainer builds it)."""
-    from dynamo_jax import train_step as ts
+    from dynamo_jax import trainer
 
     task, cfg = policy.task, policy.config
     prompts = [task.encode_prompt(r["prompt"]) for r in records]
@@ -966,28 +959,11 @@ def sample_batch(
         key,
         temperature=cfg.sampling.temperature,
     )
-    texts = [
-        task.tokenizer.decode(out.response_tokens[r, : out.response_lengths[r]].tolist())
-        for r in range(out.num_rows)
-    ]
+    correct, rewards = trainer.score_rollouts(task, cfg, list(records), out)
     valid = out.valid
-    answers = [records[g]["answer"] if v else "" for g, v in zip(out.group_id, valid, strict=True)]
-    correct = task.verify(texts, answers) & valid
-    rewards = np.where(correct, cfg.advantage.correct_reward, cfg.advantage.incorrect_reward)
-    batch = ts.batch_from_rollouts(
-        out.prompt_tokens,
-        out.prompt_lengths,
-        out.response_tokens,
-        out.response_mask,
-        task.tokenizer.pad_id,
-    )
+    batch = trainer.rollout_batch(out, rewards, task.tokenizer.pad_id)
     batch["response_mask"] = batch["response_mask"] * valid[:, None]
-    batch.update(
-        rewards=(rewards * valid).astype(np.float32),
-        correct=correct,
-        group_ids=out.group_id.astype(np.int32),
-        valid=valid,
-    )
+    batch["correct"] = correct
     return batch
 
 

@@ -46,7 +46,9 @@ def pack_examples(
 
 def _sft_step(graphdef, rest, tx, settings, params, opt_state, batch):
     def loss_fn(p):
-        stats = ts._response_token_stats(graphdef, p, rest, batch, settings, False)
+        stats = ts.response_token_stats(
+            graphdef, p, rest, batch, settings.temperature, settings.logits_chunk_size
+        )
         m = batch["response_mask"]
         return -jnp.sum(stats.logp * m) / jnp.maximum(jnp.sum(m), 1.0)
 

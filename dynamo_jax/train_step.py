@@ -194,14 +194,17 @@ def state_shardings(state: TrainState) -> Any:
     return jax.tree.map(lambda x: x.sharding, state)
 
 
-def _response_token_stats(
+def response_token_stats(
     graphdef: nnx.GraphDef,
     params: Any,
     rest: Any,
     batch: Mapping[str, jax.Array],
-    s: StepSettings,
-    with_vocab: bool,
+    temperature: float,
+    logits_chunk_size: int,
+    with_vocab: bool = False,
 ) -> losses.TokenStats:
+    """Log-probs / entropy (and the vocab expectation) of `batch["targets"]` for a batch in the
+    train layout (`batch_from_rollouts`): [rows, M] each."""
     model = nnx.merge(graphdef, params, rest)
     hidden = model(
         batch["input_ids"], batch["positions"], batch["attention_mask"], return_hidden=True
@@ -214,9 +217,15 @@ def _response_token_stats(
         h,
         model.lm_head_weight(),
         batch["targets"],
-        s.temperature,
-        s.logits_chunk_size,
+        temperature,
+        logits_chunk_size,
         with_vocab_expectation=with_vocab,
+    )
+
+
+def _response_token_stats(graphdef, params, rest, batch, s: StepSettings, with_vocab: bool):
+    return response_token_stats(
+        graphdef, params, rest, batch, s.temperature, s.logits_chunk_size, with_vocab
     )
 
 

@@ -334,6 +334,29 @@ def generate_in_chunks(
     )
 
 
+def score_rollouts(
+    task: Task, config: Any, records: list[dict[str, str]], out: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """(correct [R] bool, rewards [R] float32) of each rollout row against its own record's
+    answer (by the row's group id); padding rows are incorrect with reward 0."""
+    texts = _decode_rows(task.tokenizer, out)
+    valid = out.valid
+    answers = [records[g]["answer"] if v else "" for g, v in zip(out.group_id, valid, strict=True)]
+    correct = task.verify(texts, answers) & valid
+    a = config.advantage
+    rewards = np.where(correct, a.correct_reward, a.incorrect_reward).astype(np.float32) * valid
+    return correct, rewards
+
+
+def rollout_batch(out: Any, rewards: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
+    """The train-step batch of a rollout set: left-padded layout + rewards, group ids, valid."""
+    batch = ts.batch_from_rollouts(
+        out.prompt_tokens, out.prompt_lengths, out.response_tokens, out.response_mask, pad_id
+    )
+    batch.update(rewards=rewards, group_ids=out.group_id.astype(np.int32), valid=out.valid)
+    return batch
+
+
 def _decode_rows(tokenizer: Any, rollouts: Any) -> list[str]:
     return [
         tokenizer.decode(rollouts.response_tokens[r, : rollouts.response_lengths[r]].tolist())
@@ -561,33 +584,18 @@ def _rl_step(config, step, key, state, step_fn, sampler, task, stats, policy, it
         top_k=config.sampling.top_k,
     )
     t2 = time.perf_counter()
-    texts = _decode_rows(task.tokenizer, out)
     valid = out.valid
     gid = out.group_id
-    answers = [records[g]["answer"] if v else "" for g, v in zip(gid, valid, strict=True)]
-    correct = task.verify(texts, answers) & valid
+    correct, rewards = score_rollouts(task, config, records, out)
     # Verifiers that report details (the math verifier: parse errors, time-outs, worker
     # restarts) have them logged with the step; a failed answer never stops the step.
     last = getattr(task.verify, "last", None)
     verify_metrics = last.metrics() if hasattr(last, "metrics") else {}
-    rewards = (
-        np.where(
-            correct, config.advantage.correct_reward, config.advantage.incorrect_reward
-        ).astype(np.float32)
-        * valid
-    )
     per_group = np.bincount(gid[valid], weights=correct[valid], minlength=len(records))
     stats.update(ids, n, per_group, decay=config.allocation.stats_decay)
     t3 = time.perf_counter()
 
-    batch = ts.batch_from_rollouts(
-        out.prompt_tokens,
-        out.prompt_lengths,
-        out.response_tokens,
-        out.response_mask,
-        task.tokenizer.pad_id,
-    )
-    batch.update(rewards=rewards, group_ids=gid.astype(np.int32), valid=valid)
+    batch = rollout_batch(out, rewards, task.tokenizer.pad_id)
     batch["old_logp"] = step_fn.logprobs(state.params, batch).logp
     if state.ref_params is not None:
         batch["ref_logp"] = step_fn.logprobs(state.ref_params, batch).logp
