@@ -93,6 +93,10 @@ def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def param_count(cfg: ModelConfig) -> tuple[int, int]:
     """(parameters read per decode step, of which matmul weights)."""
     e, f, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
@@ -219,7 +223,8 @@ def main() -> None:
     flops = matmul_flops()
     print(
         f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); "
-        f"copy bandwidth {bw / 1e9:.1f} GB/s (read + write); matmul {flops / 1e9:.0f} GFLOP/s"
+        f"copy bandwidth {bw / 1e9:.1f} GB/s (read + write); matmul {flops / 1e9:.0f} GFLOP/s; "
+        f"load average {_load()}"
     )
     for name in args.models.split(","):
         cfg = model_config(name, args.vocab)
@@ -241,6 +246,7 @@ def main() -> None:
                 th = torch_in_subprocess(
                     model, prompts, args.group, args.new_tokens, args.repeats, args.threads
                 )
+                th["load"] = _load()
             ours = run_ours(model, cfg, prompts, args.group, args.new_tokens, args.repeats)
             s = args.prompt_len + args.new_tokens
             kv_bytes = 2 * cfg.num_layers * batch * cfg.num_kv_heads * s * cfg.head_dim * 4
@@ -250,7 +256,7 @@ def main() -> None:
             step = ours["decode_s"] / args.new_tokens
             print(
                 f"batch {batch} ({n_prompts} prompts x {args.group}), prompt {args.prompt_len}, "
-                f"{args.new_tokens} new tokens"
+                f"{args.new_tokens} new tokens; load average after both runs {_load()}"
             )
             print(
                 f"  ours : compile+first call {ours['compile_s']:.1f}s | prefill shared "
@@ -268,7 +274,8 @@ def main() -> None:
                 print(
                     f"  torch: prefill {th['prefill_s']:.3f}s | decode {th['decode_tok_s']:.0f} "
                     f"tok/s ({th['decode_s'] / args.new_tokens * 1e3:.1f} ms/step) | end-to-end "
-                    f"{th['e2e_tok_s']:.0f} tok/s ({th['e2e_s']:.1f}s)"
+                    f"{th['e2e_tok_s']:.0f} tok/s ({th['e2e_s']:.1f}s); load average after it "
+                    f"{th['load']}"
                 )
                 print(
                     f"  ratio ours/torch: end-to-end {ours['e2e_tok_s'] / th['e2e_tok_s']:.2f}x, "

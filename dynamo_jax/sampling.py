@@ -5,8 +5,9 @@ grid (``dynamo_jax.buckets``)::
 
     prefill  tokens [slots, P] -> slot KV cache [layers, slots, kv, P, hd], last logits [slots, V]
     decode   gather the slot cache to rows (row_to_prompt, [rows]), then a lax.while_loop of
-             one-token steps over a [layers, rows, kv, P + M, hd] cache, exiting early once every
-             valid row has emitted an EOS token (or after M = max_new_tokens tokens)
+             one-token steps over a per-layer [rows, kv, P + M, hd] cache (and per-layer weights
+             sliced once per call: each step reads and updates them in place), exiting early
+             once every valid row has emitted an EOS token (or after M = max_new_tokens tokens)
 
 gemma-sampler style: what the loop is compiled for is a small frozen dataclass (``DecodeConfig``:
 M, EOS ids, pad id, cache dtype); the sampling knobs (``SamplingParams``: temperature, top-p,
@@ -28,7 +29,7 @@ trainer's recomputed log-probs of the same policy at the same temperature are co
 (filtering is a property of the behaviour policy the trainer does not model).
 
 Top-k / top-p: a threshold filter on traced ``k`` (0 = off) and ``p`` (1 = off), skipped with
-``lax.cond`` when both are off (and under greedy). top-k is applied first, top-p on the
+``lax.switch`` when both are off (and under greedy). top-k is applied first, top-p on the
 renormalised top-k distribution (transformers' order); the kept set is every token whose scaled
 logit is >= the last kept one, so exact ties at the cut are all kept. The threshold comes from
 the sort-based definition; ``filter_method="bisect"`` (default) finds the same value by bisection
@@ -128,47 +129,54 @@ def _cdf_block(vocab: int) -> int:
 
 
 def _inverse_cdf(
-    weights: jax.Array, scaled: jax.Array, threshold: jax.Array, u: jax.Array
-) -> jax.Array:
-    """Index drawn from weights [R, V] restricted to ``scaled >= threshold[:, None]``.
+    logits: jax.Array,
+    temperature: jax.Array,
+    top: jax.Array,
+    threshold: jax.Array,
+    u: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Index drawn from softmax(logits / temperature) restricted to scaled logits >= threshold.
 
     Args:
-      weights: [R, V] unnormalised non-negative weights (exp of the scaled logits).
-      scaled: [R, V] the scaled logits (for the filter).
+      logits: [R, V] float32 unscaled logits.
+      temperature: scalar > 0.
+      top: [R] max of the scaled logits (logits / temperature).
       threshold: [R] smallest kept scaled logit (-inf: keep all).
       u: [R] uniforms in (0, 1).
 
-    Returns the first index whose cumulative kept weight reaches u * total, over blocks: the
-    only full-width work is one block sum (with the filter fused in; the filtered weights are
-    never materialised). A zero-weight or filtered-out index is never returned.
+    Returns:
+      (tokens [R] int32, total [R]: sum of exp(logits / temperature - top) over the kept
+      tokens). The first index whose cumulative kept weight reaches u * total, over blocks: the
+      only full-width work is one block sum of the weights, computed from the logits inside that
+      reduction (neither the scaled logits nor the weights are ever materialised at full width).
+      A zero-weight or filtered-out index is never returned.
     """
-    r, v = weights.shape
+    r, v = logits.shape
     block = _cdf_block(v)
     nb = -(-v // block)
     if nb * block != v:
-        weights = jnp.pad(weights, ((0, 0), (0, nb * block - v)))
-        scaled = jnp.pad(scaled, ((0, 0), (0, nb * block - v)), constant_values=-jnp.inf)
-    w_blocks = weights.reshape(r, nb, block)
-    s_blocks = scaled.reshape(r, nb, block)
-    thr = threshold[:, None, None]
-    block_sum = jnp.where(s_blocks >= thr, w_blocks, 0.0).sum(-1)  # [R, nb]
+        logits = jnp.pad(logits, ((0, 0), (0, nb * block - v)), constant_values=-jnp.inf)
+    blocks = logits.reshape(r, nb, block)
+    top3, thr3 = top[:, None, None], threshold[:, None, None]
+
+    def weight(x: jax.Array) -> jax.Array:  # [R, n, block] logits -> kept weights
+        scaled = x / temperature
+        return jnp.where(scaled >= thr3, jnp.exp(scaled - top3), 0.0)
+
+    block_sum = weight(blocks).sum(-1)  # [R, nb]
     block_cdf = jnp.cumsum(block_sum, axis=-1)
-    target = u * block_cdf[:, -1]  # [R]
+    total = block_cdf[:, -1]
+    target = u * total  # [R]
     b = jnp.minimum(jnp.sum(block_cdf < target[:, None], axis=-1), nb - 1)
     # The cumulative weight before block b, read from the same cumsum, is < target exactly.
     before = jnp.where(b > 0, jnp.take_along_axis(block_cdf, (b - 1)[:, None], -1)[:, 0], 0.0)
-    pick = b[:, None, None]
-    inside = jnp.where(
-        jnp.take_along_axis(s_blocks, pick, axis=1)[:, 0] >= thr[:, 0],
-        jnp.take_along_axis(w_blocks, pick, axis=1)[:, 0],
-        0.0,
-    )  # [R, block]
+    inside = weight(jnp.take_along_axis(blocks, b[:, None, None], axis=1))[:, 0]  # [R, block]
     cdf = before[:, None] + jnp.cumsum(inside, axis=-1)
     i = jnp.sum(cdf < target[:, None], axis=-1)
     # Rounding can leave the in-block sum just short of target: fall back to the last positive.
     idx = jnp.arange(block, dtype=jnp.int32)
     last_positive = jnp.max(jnp.where(inside > 0, idx, 0), axis=-1)
-    return (b * block + jnp.minimum(i, last_positive)).astype(jnp.int32)
+    return (b * block + jnp.minimum(i, last_positive)).astype(jnp.int32), total
 
 
 def _filter_threshold_sort(
@@ -271,34 +279,47 @@ def sample_tokens(
     Returns:
       (tokens [R] int32, logp [R] float32 = log_softmax(logits / temperature)[token] under the
       full, unfiltered distribution).
+
+    Without a filter the logits are read twice (max, then the block sums of the weights) and
+    nothing [R, V] is written: at a 152k vocabulary each extra full-width pass costs
+    milliseconds per decode step on CPU. Only the filter branch materialises the scaled logits
+    and weights.
     """
     logits = logits.astype(jnp.float32)
     v = logits.shape[-1]
-    scaled = logits / params.temperature
-    top = jnp.max(scaled, axis=-1, keepdims=True)
-    weights = jnp.exp(scaled - top)  # [R, V]
-    log_z = jnp.log(jnp.sum(weights, axis=-1)) + top[:, 0]
-    need_filter = ((params.top_k > 0) | (params.top_p < 1.0)) & ~params.greedy
-    threshold = jax.lax.cond(
-        need_filter,
-        FILTERS[filter_method],
-        lambda s, w, k, p: jnp.full(s.shape[:1], -jnp.inf, s.dtype),
-        scaled,
-        weights,
-        params.top_k,
-        params.top_p,
-    )
+    temperature = params.temperature
+    # max(logits / T) == max(logits) / T exactly (rounding is monotone), in one pass.
+    logit_max = jnp.max(logits, axis=-1)  # [R]
+    top = logit_max / temperature
     tiny = jnp.finfo(jnp.float32).tiny
     u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32, tiny, 1.0))(keys)
+    no_filter = jnp.full(logits.shape[:1], -jnp.inf, jnp.float32)
 
-    def argmax(weights, scaled, threshold, u):
-        # First index at the max: XLA:CPU's variadic argmax reduce is ~10x slower. scaled is a
-        # monotone map of the logits, so its max sits at the same place.
-        return jnp.min(jnp.where(scaled == top, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+    def normaliser(logits: jax.Array) -> jax.Array:  # [R] sum of exp(scaled - top)
+        return jnp.sum(jnp.exp(logits / temperature - top[:, None]), axis=-1)
 
-    tokens = jax.lax.cond(params.greedy, argmax, _inverse_cdf, weights, scaled, threshold, u)
-    logp = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0] - log_z
-    return tokens, logp
+    def plain(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+        # Nothing filtered: the draw's total is the full normaliser.
+        return _inverse_cdf(logits, temperature, top, no_filter, u)
+
+    def filtered(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+        scaled = logits / temperature
+        weights = jnp.exp(scaled - top[:, None])
+        threshold = FILTERS[filter_method](scaled, weights, params.top_k, params.top_p)
+        tokens, _ = _inverse_cdf(logits, temperature, top, threshold, u)
+        return tokens, jnp.sum(weights, axis=-1)
+
+    def argmax(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+        # First index at the max: XLA:CPU's variadic argmax reduce is ~10x slower.
+        hit = logits == logit_max[:, None]
+        tokens = jnp.min(jnp.where(hit, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+        return tokens, normaliser(logits)
+
+    need_filter = (params.top_k > 0) | (params.top_p < 1.0)
+    branch = jnp.where(params.greedy, 2, jnp.where(need_filter, 1, 0))
+    tokens, z = jax.lax.switch(branch, (plain, filtered, argmax), logits)
+    token_logit = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+    return tokens, token_logit / temperature - top - jnp.log(z)
 
 
 def row_keys(key: jax.Array, prompt_id: jax.Array, sample_index: jax.Array) -> jax.Array:
@@ -369,7 +390,7 @@ def _decode(
 ) -> dict[str, Any]:
     """Fan-out + decode loop. ``layout`` = (mesh or None, logical rules) pins the row cache's
     sharding, so the buffer handed back for reuse always matches the next call's input.
-    Row arrays are [R]; ``row_cache`` [layers, R, kv, P + M, hd] is a
+    Row arrays are [R]; ``row_cache`` (per-layer KVCache: tuples of [R, kv, P + M, hd]) is a
     donated scratch buffer (contents ignored) that comes back as ``out["cache"]`` for reuse.
 
     Returns a dict: tokens [R, M] int32, logp [R, M] float32, lengths [R] int32, finish [R] int32,
@@ -390,12 +411,19 @@ def _decode(
 
     # Fan out: each row reads its prompt's P cache slots into the first P slots of its own
     # (reused) buffer; the index array has the row-bucket length, never a data-dependent one.
-    def fan_out(buf: jax.Array, src: jax.Array) -> jax.Array:
-        rows_src = jnp.take(src, row_to_prompt, axis=1).astype(buf.dtype)
-        out = jax.lax.dynamic_update_slice(buf, rows_src, (0, 0, 0, 0, 0))
-        return shd.with_logical_constraint(out, CACHE_LOGICAL_AXES, mesh, rules)
+    # The row cache is per layer (one buffer per layer and k/v) and so are the weights, sliced
+    # here once: the loop body then updates and reads every layer's cache and weights in place,
+    # where the stacked layout would copy a layer's slice of each at every step.
+    def fan_out(bufs: tuple[jax.Array, ...], src: jax.Array) -> tuple[jax.Array, ...]:
+        out = []
+        for i, buf in enumerate(bufs):
+            rows_src = jnp.take(src[i], row_to_prompt, axis=0).astype(buf.dtype)
+            buf = jax.lax.dynamic_update_slice(buf, rows_src, (0, 0, 0, 0))
+            out.append(shd.with_logical_constraint(buf, CACHE_LOGICAL_AXES[1:], mesh, rules))
+        return tuple(out)
 
-    cache = jax.tree.map(fan_out, row_cache, slot_cache)
+    cache = KVCache(k=fan_out(row_cache.k, slot_cache.k), v=fan_out(row_cache.v, slot_cache.v))
+    layers = model.layer_params()
     lengths = slot_lengths[row_to_prompt]  # [R]
     keys = row_keys(key, prompt_id, sample_index)  # [R]
 
@@ -418,7 +446,7 @@ def _decode(
         t, last, tokens, logp, done, resp_len, cache = carry
         # The token sampled at step t-1 sits at position len + t - 1 (cache slot == position).
         positions = (lengths + t - 1)[:, None]
-        logits, cache = model.decode(last[:, None], positions, cache)
+        logits, cache = model.decode(last[:, None], positions, cache, layer_params=layers)
         new, new_logp = sample_tokens(logits[:, 0], step_keys(t), params, cfg.filter_method)
         active = ~done
         col = (0, t)
@@ -621,18 +649,32 @@ class Sampler:
         # From the full host copy on every process (works multi-host too).
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
-    def _row_cache(self, cache_shape: tuple[int, ...], dtype: Any) -> KVCache:
-        key = (*cache_shape, jnp.dtype(dtype).num)
-        buf = self._buffers.pop(key, None)
+    def _row_cache(self, cache_shape: tuple[int, ...], dtype: Any, like: jax.Array) -> KVCache:
+        """The reused (or a fresh) per-layer row cache for a stacked ``cache_shape``.
+
+        A fresh buffer is committed to the device(s) of ``like`` (the prefill's cache): the
+        buffers the decode hands back are committed whenever any input is, and committedness is
+        part of the compile key, so an uncommitted first buffer recompiled the decode on the
+        second call when the parameters were committed.
+        """
+        buf = self._buffers.pop((*cache_shape, jnp.dtype(dtype).num), None)
         if buf is not None:
             return buf
-        sharding = None
+        layer_shape = cache_shape[1:]
         if self.mesh is not None:
             sharding = shd.logical_to_sharding(
-                CACHE_LOGICAL_AXES, self.mesh, self.rules, cache_shape
+                CACHE_LOGICAL_AXES[1:], self.mesh, self.rules, layer_shape
             )
-        zeros = jax.jit(lambda: jnp.zeros(cache_shape, dtype), out_shardings=sharding)
-        return KVCache(k=zeros(), v=zeros())
+        elif len(like.devices()) == 1:
+            sharding = jax.sharding.SingleDeviceSharding(next(iter(like.devices())))
+        else:
+            sharding = None
+        n = cache_shape[0]
+        zeros = jax.jit(
+            lambda: tuple(jnp.zeros(layer_shape, dtype) for _ in range(2 * n)),
+            out_shardings=None if sharding is None else (sharding,) * (2 * n),
+        )()
+        return KVCache(k=zeros[:n], v=zeros[n:])
 
     # ------------------------------------------------------------------ the call
     def generate(
@@ -694,11 +736,10 @@ class Sampler:
             self._put(plan.valid),
             key,
             params,
-            row_cache=self._row_cache(cache_shape, slot_cache.k.dtype),
+            row_cache=self._row_cache(cache_shape, slot_cache.k.dtype, slot_cache.k),
         )
         if self.reuse_buffers:
-            cache = out["cache"]
-            self._buffers[(*cache.k.shape, jnp.dtype(cache.k.dtype).num)] = cache
+            self._buffers[(*cache_shape, jnp.dtype(slot_cache.k.dtype).num)] = out["cache"]
 
         out = {name: _host(x) for name, x in out.items() if name != "cache"}
         done = time.perf_counter()

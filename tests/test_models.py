@@ -415,3 +415,46 @@ def test_grad_with_remat_matches():
     assert len(leaves) == 14 and all(np.abs(np.asarray(g)).max() > 0 for g in leaves)
     for a, b in zip(leaves, jax.tree.leaves(remat_grads), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_layer_scan_and_layer_loop_agree(monkeypatch):
+    """Models above UNROLL_MAX_LAYERS scan their layers; below, a Python loop: same numbers
+    (forward, gradient, prefill + decode with a stacked cache), and a per-layer cache with
+    layer_params decodes to the same logits and cache as the stacked one."""
+    from dynamo_jax.models import transformer
+
+    config = ModelConfig.from_hf_dict(_hf_dict(model_type="qwen3", head_dim=8, num_hidden_layers=2))
+    model = init_model(config, 0)
+    graphdef, state = nnx.split(model)
+    rng = np.random.RandomState(0)
+    ids = jnp.asarray(rng.randint(0, 32, (3, 8)))
+    pos = jnp.broadcast_to(jnp.arange(8), (3, 8))
+    step_ids, step_pos = jnp.asarray(rng.randint(0, 32, (3, 1))), jnp.full((3, 1), 8)
+
+    def run(state):
+        m = nnx.merge(graphdef, state)
+        loss = lambda s: jnp.mean(jax.nn.logsumexp(nnx.merge(graphdef, s)(ids), -1))  # noqa: E731
+        logits, cache = m.decode(ids, pos, m.init_cache(3, 12))
+        step, cache = m.decode(step_ids, step_pos, cache)
+        return m(ids), jax.grad(loss)(state), logits, step, cache
+
+    loop = jax.jit(run)(state)  # 2 layers <= UNROLL_MAX_LAYERS: the Python loop
+    monkeypatch.setattr(transformer, "UNROLL_MAX_LAYERS", 0)
+    scan = jax.jit(lambda s: run(s))(state)  # a new jit: traced again, now with lax.scan
+    for a, b in zip(jax.tree.leaves(loop), jax.tree.leaves(scan), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+
+    @jax.jit
+    def per_layer(state, cache):
+        m = nnx.merge(graphdef, state)
+        return m.decode(step_ids, step_pos, cache.unstacked(), layer_params=m.layer_params())
+
+    _, _, _, _, stacked_cache = loop
+    prefilled = jax.jit(lambda s: nnx.merge(graphdef, s).decode(ids, pos, model.init_cache(3, 12)))
+    _, cache = prefilled(state)
+    step, cache = per_layer(state, cache)
+    assert not cache.is_stacked and len(cache.k) == 2 and cache.k[0].shape == (3, 1, 12, 8)
+    assert cache.max_len == 12 and cache.batch == 3
+    np.testing.assert_allclose(np.asarray(step), np.asarray(loop[3]), atol=1e-5, rtol=0)
+    for a, b in zip(jax.tree.leaves(cache.stacked()), jax.tree.leaves(stacked_cache), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)

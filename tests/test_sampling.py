@@ -317,3 +317,19 @@ def test_bisect_filter_matches_sort_filter():
     for k, p in [(0, 0.9), (1, 1.0), (5, 1.0), (10, 0.5), (131, 0.3), (500, 0.99), (3, 0.01)]:
         args = (x, w, jnp.int32(k), jnp.float32(p))
         np.testing.assert_array_equal(np.asarray(bisect(*args)), np.asarray(sort(*args)))
+
+
+def test_committed_params_do_not_recompile_decode(model):
+    """Without a mesh, committed parameters (e.g. a train state placed on a device) made the
+    decode's returned cache buffer committed while the first call's fresh one was not: the
+    second call compiled the decode again (a backend compile, not a new trace)."""
+    from dynamo_jax.compilation import CompileCounter
+
+    s = Sampler(model, eos_ids=(EOS,), pad_id=PAD, spec=SPEC)
+    state = jax.device_put(nnx.state(model), jax.devices()[0])
+    rng = np.random.default_rng(9)
+    s.generate(state, _prompts(rng, [4, 6]), [1, 2], [3, 4], jax.random.key(0))
+    for call in range(2):
+        with CompileCounter() as c:
+            s.generate(state, _prompts(rng, [5, 3]), [3, 4], [2, 5], jax.random.key(call + 1))
+        assert c.count == 0, c.by_function

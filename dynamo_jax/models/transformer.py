@@ -3,9 +3,13 @@
 One module, ``Transformer``, covers the three families; the differences live in ``ModelConfig``
 (q/k/v bias, q/k RMSNorm on heads, llama3 RoPE scaling, tied embeddings, head_dim).
 
-Parameters are stacked over layers and the layers run under ``jax.lax.scan`` (compile time does
-not grow with depth). Every parameter carries logical axis names in its ``out_sharding``
-metadata (mapped to mesh axes by ``dynamo_jax.sharding`` rules)::
+Parameters are stacked over layers. Deep models run the layers under ``jax.lax.scan`` (compile time
+does not grow with depth); models with at most ``UNROLL_MAX_LAYERS`` layers, and decode steps given
+per-layer weights and cache, run them as a Python loop. MLP layers (and, with a cache, the
+attention projections) are plain 2-D matmuls over flattened rows, and attention with a cache is two
+batched matmuls with the batch dims leading: the fast paths of XLA:CPU (see ``_dense``,
+``_attention`` and docs/MODELS.md). Every parameter carries logical axis names in its
+``out_sharding`` metadata (mapped to mesh axes by ``dynamo_jax.sharding`` rules)::
 
     embed               [vocab, embed]                    ("vocab", "embed")
     lm_head (untied)    [embed, vocab]                    ("embed", "vocab")
@@ -35,18 +39,25 @@ API (B = batch rows, T = tokens in the call, S = cache slots, V = vocab, E = hid
 
     cache = model.init_cache(batch, max_len, dtype=None)      # KVCache, zeros
     logits, cache = model.decode(tokens[B, T], positions[B, T], cache,
-                                 write_mask=None, return_hidden=False)
+                                 write_mask=None, return_hidden=False, layer_params=None)
+
+    # In a decode loop: per-layer weights (sliced once) and a per-layer cache, both read and
+    # updated in place by every step instead of copied out of the stacked arrays.
+    layers = model.layer_params()                              # before the loop
+    cache = cache.unstacked()                                  # k, v: tuples of [B, K, S, D]
+    logits, cache = model.decode(tok, pos, cache, layer_params=layers)   # in the loop body
 
 KV cache: ``KVCache(k, v)``, a pytree of two arrays [layers, B, kv_heads, S, head_dim] (batch on
 axis 1 for both, so ``jax.tree.map(lambda x: x[:, row_to_prompt], cache)`` fans prompts out to
-rows). Convention: **cache slot == position**, prompts are **right-padded**. ``decode`` writes
-each token's key/value at slot ``positions[b, t]`` and a query at position p attends to slots
-``<= p`` of its own row. Hence a batch of prompts with different lengths is prefilled as one
-right-padded [B, P] call with ``positions = arange(P)``; row b's first sampled token comes from
-``logits[b, len_b - 1]`` and is decoded at position ``len_b``, overwriting pad garbage before any
-query can see it (pad slots always sit at positions > the query's). ``write_mask[B, T]`` (False =
-do not write) keeps pad tokens out of the cache entirely; writes at slots >= S are dropped.
-Positions must be < S and increase along a row's decode steps.
+rows); ``cache.unstacked()`` / ``cache.stacked()`` convert to / from the per-layer layout (tuples
+of [B, kv_heads, S, head_dim]). Convention: **cache slot == position**, prompts are
+**right-padded**. ``decode`` writes each token's key/value at slot ``positions[b, t]`` and a query
+at position p attends to slots ``<= p`` of its own row. Hence a batch of prompts with different
+lengths is prefilled as one right-padded [B, P] call with ``positions = arange(P)``; row b's first
+sampled token comes from ``logits[b, len_b - 1]`` and is decoded at position ``len_b``, overwriting
+pad garbage before any query can see it (pad slots always sit at positions > the query's).
+``write_mask[B, T]`` (False = do not write) keeps pad tokens out of the cache entirely; writes at
+slots >= S are dropped. Positions must be < S and increase along a row's decode steps.
 
 Everything is jittable: ``nnx.jit(lambda m, ids: m(ids))(model, ids)`` or ``graphdef, state =
 nnx.split(model)`` and ``nnx.merge(graphdef, state)`` inside ``jax.jit``.
@@ -72,6 +83,12 @@ from dynamo_jax import sharding as shd
 from dynamo_jax.models.config import ModelConfig
 
 CACHE_LOGICAL_AXES = ("layers", "batch", "kv_heads", "cache_len", "head_dim")
+# Models with at most this many layers run them as a Python loop instead of ``lax.scan``. On
+# XLA:CPU the scan slices (copies) every stacked weight per layer, and its backward stacks
+# residuals and accumulates weight gradients through dynamic-update-slices: unrolled, a 2-layer
+# model's gradient took 0.55x the time. Deeper models keep the scan (compile time constant in
+# depth).
+UNROLL_MAX_LAYERS = 4
 _ACT_AXES = ("batch", "length", "act_embed")
 # Finite rather than -inf so a fully masked query row gives a uniform (ignored) distribution
 # instead of NaNs that would poison gradients.
@@ -80,18 +97,42 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 @struct.dataclass
 class KVCache:
-    """Keys and values of every layer: k, v [layers, batch, kv_heads, max_len, head_dim]."""
+    """Keys and values of every layer, in one of two layouts holding the same numbers:
 
-    k: jax.Array
-    v: jax.Array
+    stacked (``init_cache``, the public layout): k, v [layers, batch, kv_heads, max_len, head_dim];
+    per-layer (``unstacked()``): k, v tuples of ``layers`` arrays [batch, kv_heads, max_len,
+    head_dim]. ``decode`` takes either and returns the layout it was given. A decode loop
+    (the sampler's) carries the per-layer layout: each layer's cache is then its own buffer, which
+    XLA updates and reads in place, where the stacked layout copies a layer's slice every step.
+    """
+
+    k: Any
+    v: Any
+
+    @property
+    def is_stacked(self) -> bool:
+        return not isinstance(self.k, (tuple, list))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k.shape[3] if self.is_stacked else self.k[0].shape[2]
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.k.shape[1] if self.is_stacked else self.k[0].shape[0]
+
+    def unstacked(self) -> KVCache:
+        """The per-layer layout (tuples of [batch, kv_heads, max_len, head_dim] arrays)."""
+        if not self.is_stacked:
+            return self
+        n = self.k.shape[0]
+        return KVCache(k=tuple(self.k[i] for i in range(n)), v=tuple(self.v[i] for i in range(n)))
+
+    def stacked(self) -> KVCache:
+        """The stacked layout ([layers, batch, kv_heads, max_len, head_dim] arrays)."""
+        if self.is_stacked:
+            return self
+        return KVCache(k=jnp.stack(self.k), v=jnp.stack(self.v))
 
 
 def _param(value: jax.Array, names: tuple[str | None, ...], init: str = "normal") -> nnx.Param:
@@ -150,6 +191,12 @@ class LayerStack(nnx.Module):
             for name, value in vars(self).items()
             if isinstance(value, nnx.Variable)
         }
+
+    def per_layer(self) -> list[dict[str, jax.Array]]:
+        """The arrays sliced per layer: one {name: array without the layers axis} per layer."""
+        arrays = self.arrays()
+        n = next(iter(arrays.values())).shape[0]
+        return [{name: a[i] for name, a in arrays.items()} for i in range(n)]
 
 
 class Transformer(nnx.Module):
@@ -234,9 +281,20 @@ class Transformer(nnx.Module):
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
         """[..., E] hidden -> [..., V] float32 logits."""
         w = self.lm_head_weight().astype(self.dtype)
-        return jnp.einsum(
-            "...e,ev->...v", hidden.astype(self.dtype), w, preferred_element_type=jnp.float32
+        lead, e = hidden.shape[:-1], hidden.shape[-1]
+        logits = jnp.matmul(
+            hidden.astype(self.dtype).reshape(-1, e), w, preferred_element_type=jnp.float32
         )
+        return logits.reshape(*lead, w.shape[-1])
+
+    def layer_params(self) -> list[dict[str, jax.Array]]:
+        """Each layer's parameter arrays (slices of the stacked ones), for ``decode``.
+
+        Inside a decode loop, take them once before the loop and pass them to every step
+        (``decode(..., layer_params=...)``): otherwise each step slices (copies) every layer's
+        weights out of the stacked arrays.
+        """
+        return self.layers.per_layer()
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
         """Zero KVCache with k, v [layers, batch, kv_heads, max_len, head_dim]."""
@@ -255,15 +313,19 @@ class Transformer(nnx.Module):
         *,
         write_mask: jax.Array | None = None,
         return_hidden: bool = False,
+        layer_params: list[dict[str, jax.Array]] | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Prefill or decode step with a KV cache (slot == position, right padding).
 
         Args:
           tokens: [B, T] token ids (T = prompt length for prefill, 1 for a step).
           positions: [B, T] int positions; also the cache slots written.
-          cache: KVCache from ``init_cache`` (or a previous call / a row gather of one).
+          cache: KVCache from ``init_cache`` (or a previous call / a row gather of one), stacked
+            or per-layer (``cache.unstacked()``); the result has the same layout.
           write_mask: optional [B, T] bool; False tokens are not written to the cache.
           return_hidden: return final hidden states [B, T, E] instead of logits.
+          layer_params: optional ``self.layer_params()``, taken once outside a decode loop (the
+            layers then run as a Python loop over them, reading the weights in place).
 
         Returns:
           (logits [B, T, V] float32 or hidden [B, T, E], updated cache).
@@ -271,7 +333,14 @@ class Transformer(nnx.Module):
         positions = positions.astype(jnp.int32)
         slots = jnp.arange(cache.max_len, dtype=jnp.int32)
         mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
-        hidden, cache = self._forward(tokens, positions, mask, cache=cache, write_mask=write_mask)
+        hidden, cache = self._forward(
+            tokens,
+            positions,
+            mask,
+            cache=cache,
+            write_mask=write_mask,
+            layer_params=layer_params,
+        )
         out = hidden if return_hidden else self.logits_from_hidden(hidden)
         return out, cache
 
@@ -284,6 +353,7 @@ class Transformer(nnx.Module):
         *,
         cache: KVCache | None,
         write_mask: jax.Array | None,
+        layer_params: list[dict[str, jax.Array]] | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         c = self.config
         dtype = self.dtype
@@ -305,13 +375,18 @@ class Transformer(nnx.Module):
                 slots = jnp.where(write_mask.astype(bool), slots, cache.max_len)
             rows = jnp.arange(b, dtype=jnp.int32)[:, None]
 
-        def layer(carry, xs):
-            h, ck, cv = carry
-            p, i = xs
+        def layer(h, p, kv, i):
+            """One decoder layer. kv: None (no cache), the stacked (k, v) [L, B, K, S, D] with
+            this layer's index i, or this layer's own (k, v) [B, K, S, D] (i is None)."""
+            # The attention projections and products: 2-D matmuls / the fast batched-matmul
+            # attention when decoding with a cache; einsums without one (training), where they
+            # cost the same on XLA:CPU and keep the rounding of a row independent of how many
+            # rows share the call (micro-batch accumulation is tested to 1e-6).
+            proj = _einsum if kv is None else _dense
             x = _rms_norm(h, p["attn_norm"], c.rms_norm_eps, dtype)
-            q = _dense(x, p["wq"], "bte,ehd->bthd", dtype)
-            k = _dense(x, p["wk"], "bte,ehd->bthd", dtype)
-            v = _dense(x, p["wv"], "bte,ehd->bthd", dtype)
+            q = proj(x, p["wq"], "bte,ehd->bthd", dtype)
+            k = proj(x, p["wk"], "bte,ehd->bthd", dtype)
+            v = proj(x, p["wv"], "bte,ehd->bthd", dtype)
             if c.qkv_bias:
                 q = q + p["bq"].astype(dtype)
                 k = k + p["bk"].astype(dtype)
@@ -321,16 +396,23 @@ class Transformer(nnx.Module):
                 k = _rms_norm(k, p["k_norm"], c.rms_norm_eps, dtype)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            if ck is None:
-                keys, values = k, v  # [B, T, K, D]
-                key_spec = "bskd"
+            if kv is None:
+                attn = _attention_einsum(q, k, v, mask, c, dtype)  # [B, T, H, D]
             else:
-                ck = ck.at[i, rows, :, slots].set(k.astype(ck.dtype), mode="drop")
-                cv = cv.at[i, rows, :, slots].set(v.astype(cv.dtype), mode="drop")
-                keys, values = ck[i].astype(dtype), cv[i].astype(dtype)  # [B, K, S, D]
-                key_spec = "bksd"
-            attn = _attention(q, keys, values, mask, key_spec, c, dtype)  # [B, T, H, D]
-            o = _dense(attn, p["wo"], "bthd,hde->bte", dtype)
+                ck, cv = kv
+                k, v = k.astype(ck.dtype), v.astype(cv.dtype)
+                if i is None:  # this layer's own buffer: updated and read in place
+                    ck = ck.at[rows, :, slots].set(k, mode="drop")
+                    cv = cv.at[rows, :, slots].set(v, mode="drop")
+                    keys, values = ck, cv
+                else:
+                    ck = ck.at[i, rows, :, slots].set(k, mode="drop")
+                    cv = cv.at[i, rows, :, slots].set(v, mode="drop")
+                    keys, values = ck[i], cv[i]
+                keys, values = keys.astype(dtype), values.astype(dtype)  # [B, K, S, D]
+                kv = (ck, cv)
+                attn = _attention(q, keys, values, mask, c, dtype)  # [B, T, H, D]
+            o = proj(attn, p["wo"], "bthd,hde->bte", dtype)
             if c.o_bias:
                 o = o + p["bo"].astype(dtype)
             h = self._constrain(h + o, _ACT_AXES)
@@ -338,18 +420,66 @@ class Transformer(nnx.Module):
             gate = _dense(x, p["w_gate"], "bte,ef->btf", dtype)
             up = _dense(x, p["w_up"], "bte,ef->btf", dtype)
             h = h + _dense(jax.nn.silu(gate) * up, p["w_down"], "btf,fe->bte", dtype)
-            return (self._constrain(h, _ACT_AXES), ck, cv), None
+            return self._constrain(h, _ACT_AXES), kv
 
         if self.remat and cache is None:
-            layer = jax.checkpoint(layer, prevent_cse=False)
-        xs = (self.layers.arrays(), jnp.arange(c.num_layers))
-        ck, cv = (None, None) if cache is None else (cache.k, cache.v)
-        (h, ck, cv), _ = jax.lax.scan(layer, (h, ck, cv), xs)
+            layer = jax.checkpoint(layer, prevent_cse=False, static_argnums=(3,))
+
+        per_layer_cache = cache is not None and not cache.is_stacked
+        if layer_params is not None or per_layer_cache or c.num_layers <= UNROLL_MAX_LAYERS:
+            params = self.layer_params() if layer_params is None else layer_params
+            if cache is None:
+                for p in params:
+                    h, _ = layer(h, p, None, None)
+                new_cache = None
+            elif per_layer_cache:
+                ks, vs = list(cache.k), list(cache.v)
+                for i, p in enumerate(params):
+                    h, (ks[i], vs[i]) = layer(h, p, (ks[i], vs[i]), None)
+                new_cache = KVCache(k=tuple(ks), v=tuple(vs))
+            else:
+                kv = (cache.k, cache.v)
+                for i, p in enumerate(params):
+                    h, kv = layer(h, p, kv, i)
+                new_cache = KVCache(k=kv[0], v=kv[1])
+        else:
+            xs = (self.layers.arrays(), jnp.arange(c.num_layers))
+            if cache is None:
+
+                def body(h, xs):
+                    return layer(h, xs[0], None, None)[0], None
+
+                h, _ = jax.lax.scan(body, h, xs)
+                new_cache = None
+            else:
+
+                def body(carry, xs):
+                    h, kv = carry
+                    return layer(h, xs[0], kv, xs[1]), None
+
+                (h, kv), _ = jax.lax.scan(body, (h, (cache.k, cache.v)), xs)
+                new_cache = KVCache(k=kv[0], v=kv[1])
         h = _rms_norm(h, self.final_norm.get_value(), c.rms_norm_eps, dtype)
-        return h, (None if cache is None else KVCache(k=ck, v=cv))
+        return h, new_cache
 
 
 def _dense(x: jax.Array, w: jax.Array, spec: str, dtype: Any) -> jax.Array:
+    """``einsum(spec, x, w)`` for a spec that contracts x's trailing axes with w's leading ones
+    ("bte,ehd->bthd", "bthd,hde->bte", ...), computed as one 2-D matmul [rows, in] @ [in, out].
+
+    On XLA:CPU a dot with several free dimensions per operand (and the transposed dots of its
+    backward) is much slower than the plain matmul: 2-D, a layer's gradient took ~0.45x the time.
+    """
+    x_axes, w_axes = spec.split("->")[0].split(",")
+    n = len(set(x_axes) & set(w_axes))
+    if x_axes[len(x_axes) - n :] != w_axes[:n]:
+        raise ValueError(f"_dense needs x's trailing axes contracted with w's leading: {spec}")
+    lead, size = x.shape[: x.ndim - n], math.prod(x.shape[x.ndim - n :])
+    y = x.reshape(-1, size) @ w.astype(dtype).reshape(size, -1)
+    return y.reshape(*lead, *w.shape[n:])
+
+
+def _einsum(x: jax.Array, w: jax.Array, spec: str, dtype: Any) -> jax.Array:
     return jnp.einsum(spec, x, w.astype(dtype))
 
 
@@ -370,19 +500,49 @@ def _attention(
     keys: jax.Array,
     values: jax.Array,
     mask: jax.Array,
-    key_spec: str,
     c: ModelConfig,
     dtype: Any,
 ) -> jax.Array:
-    """Grouped-query attention. q [B, T, H, D]; keys/values per key_spec; mask [B, T, S]."""
+    """Grouped-query attention. q [B, T, H, D]; keys, values [B, K, S, D]; mask [B, T, S].
+
+    Both products are plain batched matmuls with the batch dims (B, K) leading; the scores are
+    computed as keys @ q^T ([B, K, S, T*G], softmax over S), which XLA:CPU runs about twice as
+    fast as q @ keys^T (whose right operand is transposed).
+    """
+    b, t = q.shape[:2]
+    kh, g, d = c.num_kv_heads, c.num_groups, c.head_dim
+    s = keys.shape[2]
+    qg = q.reshape(b, t, kh, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, d)
+    scores = jax.lax.dot_general(
+        keys,
+        qg,
+        (((3,), (3,)), ((0, 1), (0, 1))),
+        preferred_element_type=jnp.float32,
+    ) * (d**-0.5)  # [B, K, S, T * G]
+    scores = scores.reshape(b, kh, s, t, g)
+    scores = jnp.where(mask.transpose(0, 2, 1)[:, None, :, :, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=2).astype(dtype).reshape(b, kh, s, t * g)
+    out = jax.lax.dot_general(probs, values, (((2,), (2,)), ((0, 1), (0, 1))))  # [B, K, T*G, D]
+    return out.reshape(b, kh, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, c.num_heads, d)
+
+
+def _attention_einsum(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    c: ModelConfig,
+    dtype: Any,
+) -> jax.Array:
+    """Attention without a cache (training): q [B, T, H, D]; k, v [B, T, K, D]; mask [B, T, T]."""
     b, t = q.shape[:2]
     qg = q.reshape(b, t, c.num_kv_heads, c.num_groups, c.head_dim)
-    scores = jnp.einsum(
-        f"btkgd,{key_spec}->bkgts", qg, keys, preferred_element_type=jnp.float32
-    ) * (c.head_dim**-0.5)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (
+        c.head_dim**-0.5
+    )
     scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum(f"bkgts,{key_spec}->btkgd", probs, values)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, c.num_heads, c.head_dim)
 
 
