@@ -241,9 +241,10 @@ def policy_loss(
         token_loss = token_loss * jax.lax.stop_gradient(jnp.asarray(grad_mask, jnp.float32))
     if abs_kl_mask is not None:
         abs_kl = jnp.abs(jnp.asarray(logp, jnp.float32) - jnp.asarray(old_logp, jnp.float32))
-        token_loss = token_loss + abs_kl_coef * jax.lax.stop_gradient(
-            jnp.asarray(abs_kl_mask, jnp.float32)
-        ) * abs_kl
+        token_loss = (
+            token_loss
+            + abs_kl_coef * jax.lax.stop_gradient(jnp.asarray(abs_kl_mask, jnp.float32)) * abs_kl
+        )
     a = jnp.broadcast_to(
         jnp.asarray(advantages, jnp.float32)[..., None]
         if jnp.ndim(advantages) == m.ndim - 1
