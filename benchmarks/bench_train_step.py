@@ -242,8 +242,6 @@ def _load_config(path: str) -> Any:
 
 def run_embedded(args: argparse.Namespace) -> None:
     from dynamo_jax import trainer
-    from dynamo_jax.allocation import AllocationPolicy, PromptStats
-    from dynamo_jax.data.iterator import PromptIterator
 
     config = _load_config(args.config)
     config.sft.steps = 0  # timing only: skip the supervised warm start
@@ -257,19 +255,16 @@ def run_embedded(args: argparse.Namespace) -> None:
     model, _ = trainer.build_model(config, task, workdir, mesh, print)
     n_prompts = config.prompts_per_step
     budget = n_prompts * config.rollouts_per_prompt
-    sampler = trainer.make_sampler(config, model, task, num_rows=budget)
     mcfg = model.config
-    tx = ts.make_optimizer(config)
-    graphdef, rest, state = ts.init_train_state(model, tx, with_reference=config.loss.kl_coef > 0)
+    parts = trainer.build_rl_parts(config, model, task, mesh)  # what trainer.train builds
     del model
-    settings = ts.StepSettings.from_config(config, num_groups=n_prompts)
-    step_fn = ts.TrainStep(
-        graphdef, rest, tx, settings, ts.state_shardings(state), shd.batch_sharding(mesh)
+    sampler, step_fn, state, settings = (
+        parts.sampler,
+        parts.step_fn,
+        parts.state,
+        parts.step_fn.settings,
     )
-    stats = PromptStats()
-    policy = AllocationPolicy.from_config(config)
-    iterator = PromptIterator(task.train, batch_size=n_prompts, seed=config.data.seed)
-    index_of = {r["id"]: i for i, r in enumerate(task.train)}
+    stats, policy, iterator, index_of = parts.stats, parts.policy, parts.iterator, parts.index_of
     key = jax.random.key(config.seed)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     print(
@@ -284,14 +279,9 @@ def run_embedded(args: argparse.Namespace) -> None:
 
     def one(step: int, pol: Any) -> tuple[dict[str, float], float]:
         nonlocal state
-        out = trainer._rl_step(
+        state, m, _ = trainer._rl_step(
             config, step, key, state, step_fn, sampler, task, stats, pol, iterator, index_of
         )
-        if len(out) == 3:  # (state, metrics, histograms)
-            state, m, _ = out
-        else:  # older trainer: (metrics with "_state", histograms)
-            m = out[0]
-            state = m.pop("_state")
         rec = {p: m[f"time_{p}_s"] for p in PHASES}
         return rec, m["response_length_mean"] * budget
 

@@ -310,11 +310,11 @@ def _update(
         data,
     )
     use_vocab = s.expectation == "vocab"
-    # One key per micro-batch (Clip-Cov draws its detached tokens at random).
-    micro_keys = jax.random.split(jax.random.fold_in(step_key, 1), s.num_minibatches * n_micro)
-    data["micro_key"] = jax.random.key_data(micro_keys).reshape(
-        s.num_minibatches, n_micro, *jax.random.key_data(micro_keys).shape[1:]
-    )
+    if s.token_selection == "clip_cov":  # one key per micro-batch: its draw is random
+        keys = jax.random.key_data(
+            jax.random.split(jax.random.fold_in(step_key, 1), s.num_minibatches * n_micro)
+        )
+        data["micro_key"] = keys.reshape(s.num_minibatches, n_micro, *keys.shape[1:])
 
     def micro_forward(params, micro):
         stats = _response_token_stats(graphdef, params, rest, micro, s, use_vocab)

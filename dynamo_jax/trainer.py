@@ -447,6 +447,45 @@ def _host_state(
     }
 
 
+@dataclasses.dataclass
+class RLParts:
+    """What one RL step needs besides the config and the task (`_rl_step`'s arguments)."""
+
+    sampler: Sampler
+    step_fn: ts.TrainStep
+    state: ts.TrainState
+    stats: PromptStats
+    policy: AllocationPolicy
+    iterator: PromptIterator
+    index_of: dict[Any, int]
+
+
+def build_rl_parts(config: Any, model: Any, task: Task, mesh: Any) -> RLParts:
+    """The rollout sampler, the compiled step and a fresh train state from `model`, and the
+    host-side allocation state and data iterator: everything `train` (and the step benchmark)
+    drives `_rl_step` with."""
+    n_prompts = config.prompts_per_step
+    budget = n_prompts * config.rollouts_per_prompt
+    sampler = make_sampler(
+        config, model, task, num_rows=config.sampling.max_rows_per_call or budget
+    )
+    tx = ts.make_optimizer(config)
+    graphdef, rest, state = ts.init_train_state(model, tx, with_reference=config.loss.kl_coef > 0)
+    settings = ts.StepSettings.from_config(config, num_groups=n_prompts)
+    step_fn = ts.TrainStep(
+        graphdef, rest, tx, settings, ts.state_shardings(state), shd.batch_sharding(mesh)
+    )
+    return RLParts(
+        sampler=sampler,
+        step_fn=step_fn,
+        state=state,
+        stats=PromptStats(),
+        policy=AllocationPolicy.from_config(config),
+        iterator=PromptIterator(task.train, batch_size=n_prompts, seed=config.data.seed),
+        index_of={r["id"]: i for i, r in enumerate(task.train)},
+    )
+
+
 def train(
     config: Any, workdir: str, *, progress: bool = True, log: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
@@ -467,25 +506,11 @@ def train(
 
     task = build_task(config, workdir)
     model, sft_summary = build_model(config, task, workdir, mesh, log)
-    n_prompts = config.prompts_per_step
-    budget = n_prompts * config.rollouts_per_prompt
-    sampler = make_sampler(
-        config, model, task, num_rows=config.sampling.max_rows_per_call or budget
-    )
     eval_sampler = make_sampler(config, model, task, num_rows=None)
-
-    tx = ts.make_optimizer(config)
-    graphdef, rest, state = ts.init_train_state(model, tx, with_reference=config.loss.kl_coef > 0)
+    parts = build_rl_parts(config, model, task, mesh)
     del model
-    settings = ts.StepSettings.from_config(config, num_groups=n_prompts)
-    step_fn = ts.TrainStep(
-        graphdef, rest, tx, settings, ts.state_shardings(state), shd.batch_sharding(mesh)
-    )
-
-    stats = PromptStats()
-    policy = AllocationPolicy.from_config(config)
-    iterator = PromptIterator(task.train, batch_size=n_prompts, seed=config.data.seed)
-    index_of = {r["id"]: i for i, r in enumerate(task.train)}
+    sampler, step_fn, state = parts.sampler, parts.step_fn, parts.state
+    stats, policy, iterator, index_of = parts.stats, parts.policy, parts.iterator, parts.index_of
     checkpointer = ckpt_lib.RunCheckpointer(
         os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints
     )
