@@ -9,10 +9,12 @@ one optimiser step (AdamW) per RL step on all 64 rows (one minibatch, no gradien
 
 Ours runs in this process (dynamo_jax Sampler + TrainStep, as the trainer drives them, on a
 one-device mesh), in three variants: modulation on (the default DynaMO loss), modulation off (plain
-clipped token-mean GRPO), and modulation on with the behaviour log-probs taken from the sampler
-instead of a second forward pass. The peers run in their own virtual environments
-(benchmarks/peers/*.py, started with that environment's python); each reports the time at which
-its reward function was called, once per RL step: the spacing of those calls is its step time.
+clipped token-mean GRPO), and modulation on with a separate forward pass for the behaviour
+log-probs (what a config with several minibatches per step needs; with one minibatch, as here and
+as in the peers, the update takes them from its own forward pass, exactly). The peers run in
+their own virtual environments (benchmarks/peers/*.py, started with that environment's python);
+each reports the time at which its reward function was called, once per RL step: the spacing of
+those calls is its step time.
 
 Reported: steady-state seconds per RL step = the median step after --warmup steps, and the ratio
 of the faster peer's step to ours (the issue's target: >= 2).
@@ -105,7 +107,7 @@ def build_assets(workdir: str, args: argparse.Namespace) -> dict:
 
 
 def run_ours(spec: dict, variant: str) -> list[float]:
-    """Seconds per RL step for `variant` in {"mod_on", "mod_off", "mod_on_sampler_logp"}."""
+    """Seconds per RL step for `variant` in {"mod_on", "mod_off", "mod_on_old_logp_pass"}."""
     from dynamo_jax import compilation
     from dynamo_jax import sharding as shd
     from dynamo_jax import train_step as ts
@@ -166,9 +168,9 @@ def run_ours(spec: dict, variant: str) -> list[float]:
                 out.prompt_tokens, out.prompt_lengths, out.response_tokens, out.response_mask, PAD
             )
             batch.update(rewards=rewards, group_ids=out.group_id.astype(np.int32), valid=out.valid)
-            if variant == "mod_on_sampler_logp":
-                batch["old_logp"] = out.response_logp
-            else:
+            if variant == "mod_on_old_logp_pass":
+                # What a config with several minibatches per step needs: a separate no-grad
+                # forward for the behaviour log-probs (the trainer skips it with one minibatch).
                 batch["old_logp"] = step_fn.logprobs(state.params, batch).logp
                 jax.block_until_ready(batch["old_logp"])
             t2 = time.perf_counter()
@@ -250,7 +252,7 @@ def _run_one(name: str, spec: dict, spec_path: str, args: argparse.Namespace) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--peers", default="trl,tunix", help="comma list of trl,tunix, or none")
-    ap.add_argument("--variants", default="mod_on,mod_off,mod_on_sampler_logp")
+    ap.add_argument("--variants", default="mod_on,mod_off,mod_on_old_logp_pass")
     ap.add_argument(
         "--warmup", type=int, default=3, help="steps not counted (>= 2: tunix compiles in 2)"
     )

@@ -230,7 +230,11 @@ def _response_token_stats(graphdef, params, rest, batch, s: StepSettings, with_v
 
 
 def _token_selection(
-    s: StepSettings, stats: losses.TokenStats, micro: Batch, advantages: jax.Array
+    s: StepSettings,
+    stats: losses.TokenStats,
+    micro: Batch,
+    old_logp: jax.Array,
+    advantages: jax.Array,
 ) -> dict[str, Any]:
     """The extra `policy_loss` arguments of the token-selection baselines (SPEC 6)."""
     mask = micro["response_mask"]
@@ -239,7 +243,7 @@ def _token_selection(
     if s.token_selection == "clip_cov":
         detached = baselines.clip_cov_mask(
             stats.logp,
-            micro["old_logp"],
+            old_logp,
             advantages,
             mask,
             jax.random.wrap_key_data(micro["micro_key"]),
@@ -320,8 +324,18 @@ def _update(
         stats = _response_token_stats(graphdef, params, rest, micro, s, use_vocab)
         return stats
 
+    # Fully on-policy (one optimiser update per RL step, the batch has no "old_logp"): the
+    # parameters the gradient is taken at ARE the behaviour policy, so the old log-probs are the
+    # loss's own forward under stop_gradient (ratio 1): the same values a separate no-grad
+    # pass would give, without that pass.
+    on_policy = "old_logp" not in batch
+
+    def old_logp_of(micro, stats):
+        return jax.lax.stop_gradient(stats.logp) if on_policy else micro["old_logp"]
+
     def micro_loss(params, micro, total, scope):
         stats = micro_forward(params, micro)
+        old_logp = old_logp_of(micro, stats)
         advantages = micro["advantages"]
         if s.entropy_shaping_k > 0:
             advantages = baselines.entropy_shaped_advantages(
@@ -331,7 +345,7 @@ def _update(
             advantages,
             stats.entropy,
             stats.logp,
-            micro["old_logp"],
+            old_logp,
             micro["response_mask"],
             comp=s.comp,
             stab=s.stab,
@@ -345,10 +359,10 @@ def _update(
             expected_pi_lambda=stats.expected_pi_lambda,
             scope=scope,
         )
-        selection = _token_selection(s, stats, micro, final)
+        selection = _token_selection(s, stats, micro, old_logp, final)
         loss_sum, _, aux = losses.policy_loss(
             stats.logp,
-            micro["old_logp"],
+            old_logp,
             final,
             micro["response_mask"],
             eps_low=s.eps_low,
@@ -386,7 +400,7 @@ def _update(
                 return modulation.scope_statistics(
                     micro["advantages"],
                     st.logp,
-                    micro["old_logp"],
+                    old_logp_of(micro, st),
                     st.entropy,
                     micro["response_mask"],
                     s.eps_low,
@@ -509,9 +523,20 @@ class TrainStep:
         return self._logprobs(params, self.put_batch({k: batch[k] for k in keys}))
 
     def update(self, state: TrainState, batch: Batch, key: jax.Array):
-        """One RL update: returns (new_state, metrics). `state` is donated."""
+        """One RL update: returns (new_state, metrics). `state` is donated.
+
+        `batch["old_logp"]` (the behaviour log-probs, from `logprobs`) may be left out when
+        `num_minibatches == 1`: the update is then fully on-policy and takes them from its own
+        forward pass (exactly the values at the parameters the gradient is taken at).
+        """
         rows = batch["rewards"].shape[0]
         s = self.settings
+        if "old_logp" not in batch and s.num_minibatches != 1:
+            raise ValueError(
+                f"batch has no 'old_logp': only a fully on-policy update "
+                f"(train.num_minibatches = 1, got {s.num_minibatches}) may leave it out; "
+                "compute it with TrainStep.logprobs(params, batch) before the update"
+            )
         if rows % (s.num_minibatches * s.micro_batch_rows):
             raise ValueError(
                 f"batch has {rows} rows, which train.num_minibatches * train.micro_batch_rows = "

@@ -621,10 +621,14 @@ def _rl_step(config, step, key, state, step_fn, sampler, task, stats, policy, it
     t3 = time.perf_counter()
 
     batch = rollout_batch(out, rewards, task.tokenizer.pad_id)
-    batch["old_logp"] = step_fn.logprobs(state.params, batch).logp
+    if config.train.num_minibatches > 1:
+        # Several optimiser updates per step: the later ones need the behaviour log-probs of
+        # the parameters before the first. With one update the step takes them from its own
+        # forward pass (TrainStep.update), exactly, and this forward is skipped.
+        batch["old_logp"] = step_fn.logprobs(state.params, batch).logp
     if state.ref_params is not None:
         batch["ref_logp"] = step_fn.logprobs(state.ref_params, batch).logp
-    jax.block_until_ready(batch["old_logp"])
+    jax.block_until_ready([batch.get("old_logp"), batch.get("ref_logp")])
     t4 = time.perf_counter()
     state, m = step_fn.update(state, batch, jax.random.fold_in(step_key, 1))
     m = {k: float(v) for k, v in jax.device_get(m).items()}

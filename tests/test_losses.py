@@ -215,6 +215,37 @@ def test_chunked_equals_unchunked(chunk):
     for a, b in zip(gc, gp, strict=True):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
 
+    # ... and through the from-logits path (its own hand-written gradient) w.r.t. the logits
+    def from_logits_f(z):
+        s = losses.logprobs_and_entropy_from_logits(z, jnp.asarray(t), 0.8, chunk)
+        return jnp.sum(s.logp * 0.3 + s.entropy * 0.7)
+
+    logits = F32(hidden @ w)
+    np.testing.assert_allclose(
+        jax.grad(from_logits_f)(logits),
+        jax.grad(lambda z: plain(z, jnp.eye(v, dtype=jnp.float32)))(logits),
+        atol=2e-5,
+        rtol=1e-4,
+    )
+
+
+def test_token_stats_gradient_in_bfloat16_hidden_states():
+    """bf16 hidden states (a bf16 model): logits and softmax still float32, gradients come back
+    in the inputs' dtypes and agree with the float32 computation to bf16 precision."""
+    rng = np.random.default_rng(6)
+    hidden, w = rng.normal(size=(4, 6, 16)), rng.normal(size=(16, 50)) / 4
+    t = jnp.asarray(rng.integers(0, 50, size=(4, 6)))
+
+    def f(hh, ww):
+        s = losses.token_logprobs_and_entropy(hh, ww, t, 1.0, chunk_size=3)
+        return jnp.sum(s.logp + 0.5 * s.entropy)
+
+    g32 = jax.grad(f, argnums=(0, 1))(F32(hidden), F32(w))
+    g16 = jax.grad(f, argnums=(0, 1))(jnp.asarray(hidden, jnp.bfloat16), F32(w))
+    assert g16[0].dtype == jnp.bfloat16 and g16[1].dtype == jnp.float32
+    for a, b in zip(g16, g32, strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=0.05, rtol=0.05)
+
 
 def test_token_stats_gradient_matches_finite_differences():
     rng = np.random.default_rng(5)

@@ -179,3 +179,33 @@ def test_sharded_mesh_equals_single_device():
         jax.tree.leaves(state8.params), jax.tree.leaves(new8.params), strict=True
     ):
         assert after.sharding.is_equivalent_to(before.sharding, before.ndim)
+
+
+@pytest.mark.parametrize("micro_batch_rows", [16, 4])
+def test_on_policy_update_without_old_logp_equals_the_separate_pass(micro_batch_rows):
+    """With one optimiser update per step the behaviour policy is the parameters the gradient is
+    taken at: leaving "old_logp" out (the update takes it from its own forward) gives the same
+    update as passing the separate no-grad pass's values, for every micro-batch split."""
+    cfg = make_config(1, micro_batch_rows)
+    cfg.loss.eps_low = cfg.loss.eps_high = 0.05  # a clip an off-by-one-policy ratio would hit
+    batch, _ = make_batch(3)
+    results = []
+    for with_old in (True, False):
+        _, step, state = build(cfg)
+        b = dict(batch)
+        if with_old:
+            b["old_logp"] = np.asarray(step.logprobs(state.params, b).logp)
+        results.append(step.update(state, b, jax.random.key(1)))
+    (s1, m1), (s2, m2) = results
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert float(m2["ratio_mean"]) == pytest.approx(1.0, abs=1e-6)
+    for k in ("loss", "grad_norm", "beta_comp_pos_mean", "beta_stab_mean", "xi_max"):
+        assert float(m2[k]) == pytest.approx(float(m1[k]), rel=1e-5, abs=1e-7), k
+
+
+def test_update_without_old_logp_needs_one_minibatch():
+    _, step, state = build(make_config(2, 4))
+    batch, _ = make_batch(0)
+    with pytest.raises(ValueError, match="num_minibatches"):
+        step.update(state, batch, jax.random.key(1))

@@ -519,6 +519,18 @@ def _attention(
         (((3,), (3,)), ((0, 1), (0, 1))),
         preferred_element_type=jnp.float32,
     ) * (d**-0.5)  # [B, K, S, T * G]
+    if t == 1:
+        # One decode position: move S minor ([B, K, G, S], a small copy) so the softmax reduces
+        # the contiguous axis and probs @ values is a plain batched matmul. XLA:CPU's reduction
+        # over the middle S axis and its dot with S in the middle were the slowest parts of a
+        # decode step (32 steps of one layer's attention: 7.4 -> 1.9 ms at 4 heads of 16, 64
+        # rows, 48 slots; 224 -> 177 ms at Qwen2.5-0.5B's heads, 256 rows, 192 slots). For the
+        # prefill (many positions) the layout below stays faster.
+        scores = jnp.swapaxes(scores, 2, 3)  # [B, K, G, S]
+        scores = jnp.where(mask[:, :, None, :], scores, _MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        out = jax.lax.dot_general(probs, values, (((3,), (2,)), ((0, 1), (0, 1))))  # [B, K, G, D]
+        return out.reshape(b, 1, c.num_heads, d)
     scores = scores.reshape(b, kh, s, t, g)
     scores = jnp.where(mask.transpose(0, 2, 1)[:, None, :, :, None], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=2).astype(dtype).reshape(b, kh, s, t * g)
