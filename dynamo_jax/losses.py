@@ -137,7 +137,7 @@ def _head_stats(hidden, lm_head, targets, temperature, with_vocab, save_logits):
     with one chunk, `save_logits` keeps them instead), forms dz in one elementwise pass from the
     saved log-normaliser and entropy, and runs the two gradient matmuls as plain 2-D products.
     Autodiff of the same forward made XLA:CPU write dz transposed inside the softmax fusion:
-    3.5x slower at a 512 vocabulary and 1.4x at Qwen2.5-0.5B's (benchmarks in docs/).
+    4.3x slower at a 512 vocabulary and 1.9x at Qwen2.5-0.5B's (benchmarks/bench_head.py).
     """
     return _head_stats_fwd(hidden, lm_head, targets, temperature, with_vocab, save_logits)[0]
 
