@@ -523,9 +523,9 @@ def _attention(
         # One decode position: move S minor ([B, K, G, S], a small copy) so the softmax reduces
         # the contiguous axis and probs @ values is a plain batched matmul. XLA:CPU's reduction
         # over the middle S axis and its dot with S in the middle were the slowest parts of a
-        # decode step (32 steps of one layer's attention: 7.4 -> 1.9 ms at 4 heads of 16, 64
-        # rows, 48 slots; 224 -> 177 ms at Qwen2.5-0.5B's heads, 256 rows, 192 slots). For the
-        # prefill (many positions) the layout below stays faster.
+        # decode step (a whole generate on the peer benchmark's tiny model: 28 -> 13 ms; a 0.5B
+        # decode step at 256 rows: 1183 -> ~1000 ms; docs/SAMPLING.md). For the prefill (many
+        # positions) the layout below stays faster.
         scores = jnp.swapaxes(scores, 2, 3)  # [B, K, G, S]
         scores = jnp.where(mask[:, :, None, :], scores, _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
