@@ -209,3 +209,19 @@ def test_update_without_old_logp_needs_one_minibatch():
     batch, _ = make_batch(0)
     with pytest.raises(ValueError, match="num_minibatches"):
         step.update(state, batch, jax.random.key(1))
+
+
+def test_on_policy_update_on_a_sharded_mesh_equals_single_device():
+    """The on-policy path (no "old_logp" in the batch) on (data 2, fsdp 2, tensor 2): the same
+    update as on one device, with the tolerances of test_sharded_mesh_equals_single_device."""
+    batch, _ = make_batch(5)
+    cfg = make_config(1, 8)
+    results = []
+    for mesh in (None, shd.make_mesh(data=2, fsdp=2, tensor=2)):
+        _, step, state = build(cfg, mesh)
+        results.append(step.update(state, dict(batch), jax.random.key(1)))
+    (s1, m1), (s8, m8) = results
+    assert float(m8["loss"]) == pytest.approx(float(m1["loss"]), rel=5e-4)
+    assert float(m8["ratio_mean"]) == pytest.approx(1.0, abs=1e-6)
+    for a, b in zip(jax.tree.leaves(s8.params), jax.tree.leaves(s1.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
