@@ -50,7 +50,7 @@ def _chunk_stats(
     the forward instead builds a scatter for the target gather and re-reduces the softmax: at a
     small vocabulary that backward took 7x the forward.
     """
-    logp, entropy = _logp_entropy(logits, targets, temperature)
+    logp, entropy = _logp_entropy(logits, targets, jnp.asarray(temperature, jnp.float32))
     if not with_vocab_expectation:
         return logp, entropy
     z = jax.lax.stop_gradient(logits).astype(jnp.float32) / temperature
@@ -69,7 +69,18 @@ def _logp_entropy_forward(logits, targets, temperature):
     return logp, entropy, logz
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _softmax_stats_cotangent(z, logz, entropy, onehot, g_logp, g_entropy, temperature):
+    """Cotangents of (logits, temperature) from those of (logp, entropy), z = logits / T:
+      d logp_y / dz = onehot(y) - p,  d H / dz = -p (log p + H),  d z / dT = -z / T.
+    g_logp, g_entropy: [..., 1]; z: [..., V] float32; temperature: a scalar array."""
+    logp_all = z - logz
+    p = jnp.exp(logp_all)
+    g_z = g_logp * (onehot - p) - g_entropy * p * (logp_all + entropy[..., None])
+    g_temperature = -jnp.sum(g_z * z) / temperature  # unused (and removed by jit) unless traced
+    return g_z / temperature, g_temperature.astype(temperature.dtype).reshape(temperature.shape)
+
+
+@jax.custom_vjp
 def _logp_entropy(logits, targets, temperature):
     logp, entropy, _ = _logp_entropy_forward(logits, targets, temperature)
     return logp, entropy
@@ -77,20 +88,19 @@ def _logp_entropy(logits, targets, temperature):
 
 def _logp_entropy_fwd(logits, targets, temperature):
     logp, entropy, logz = _logp_entropy_forward(logits, targets, temperature)
-    return (logp, entropy), (logits, targets, logz, entropy)
+    return (logp, entropy), (logits, targets, logz, entropy, temperature)
 
 
-def _logp_entropy_bwd(temperature, residuals, cotangents):
-    logits, targets, logz, entropy = residuals
+def _logp_entropy_bwd(residuals, cotangents):
+    logits, targets, logz, entropy, temperature = residuals
     g_logp, g_entropy = cotangents
-    logp_all = logits.astype(jnp.float32) / temperature - logz
-    p = jnp.exp(logp_all)
+    z = logits.astype(jnp.float32) / temperature
     onehot = targets[..., None] == jnp.arange(logits.shape[-1], dtype=targets.dtype)
-    dz = g_logp[..., None] * (onehot - p) - g_entropy[..., None] * p * (
-        logp_all + entropy[..., None]
+    d_logits, d_temperature = _softmax_stats_cotangent(
+        z, logz, entropy, onehot, g_logp[..., None], g_entropy[..., None], temperature
     )
     targets_ct = np.zeros(targets.shape, jax.dtypes.float0)
-    return (dz / temperature).astype(logits.dtype), targets_ct
+    return d_logits.astype(logits.dtype), targets_ct, d_temperature
 
 
 _logp_entropy.defvjp(_logp_entropy_fwd, _logp_entropy_bwd)
@@ -128,7 +138,7 @@ def _chunked(
     return TokenStats(outs[0], outs[1], outs[2] if with_vocab_expectation else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _head_stats(hidden, lm_head, targets, temperature, with_vocab, save_logits):
     """(logp, entropy, E_vocab or zeros) of one chunk, hidden [rows, C, D] @ lm_head [D, V].
 
@@ -161,27 +171,26 @@ def _head_stats_fwd(hidden, lm_head, targets, temperature, with_vocab, save_logi
     else:
         e_vocab = jnp.zeros_like(entropy)
     outs = tuple(o.reshape(targets.shape) for o in (logp, entropy, e_vocab))
-    residuals = (hidden, lm_head, t, logz, entropy, z if save_logits else None)
+    residuals = (hidden, lm_head, t, logz, entropy, z if save_logits else None, temperature)
     return outs, residuals
 
 
-def _head_stats_bwd(temperature, with_vocab, save_logits, residuals, cotangents):
-    hidden, lm_head, t, logz, entropy, z = residuals
+def _head_stats_bwd(with_vocab, save_logits, residuals, cotangents):
+    hidden, lm_head, t, logz, entropy, z, temperature = residuals
     g_logp, g_entropy, _ = (c.reshape(-1, 1) for c in cotangents)  # E_vocab: no gradient
     if z is None:
         z = _head_logits(hidden, lm_head, temperature)
-    logp_all = z - logz
-    p = jnp.exp(logp_all)
     onehot = t == jnp.arange(z.shape[-1], dtype=jnp.int32)
-    # d logp_y / dz = onehot(y) - p;  d H / dz = -p * (log p + H);  z = logits / T.
-    dz = (g_logp * (onehot - p) - g_entropy * p * (logp_all + entropy[:, None])) / temperature
+    dz, d_temperature = _softmax_stats_cotangent(
+        z, logz, entropy, onehot, g_logp, g_entropy, temperature
+    )
     dz = jax.lax.optimization_barrier(dz.astype(hidden.dtype))  # [rows * C, V], row-major
     w = lm_head.astype(hidden.dtype)
     d_hidden = jnp.dot(dz, w.T, preferred_element_type=jnp.float32).astype(hidden.dtype)
     h_t = jax.lax.optimization_barrier(hidden.reshape(-1, hidden.shape[-1]).T)  # [D, rows * C]
     d_head = jnp.dot(h_t, dz, preferred_element_type=jnp.float32).astype(lm_head.dtype)
     targets_ct = np.zeros(t.shape[:1], jax.dtypes.float0).reshape(hidden.shape[:-1])
-    return d_hidden.reshape(hidden.shape), d_head, targets_ct
+    return d_hidden.reshape(hidden.shape), d_head, targets_ct, d_temperature
 
 
 _head_stats.defvjp(_head_stats_fwd, _head_stats_bwd)
@@ -216,7 +225,8 @@ def token_logprobs_and_entropy(
     """
 
     def chunk_fn(h, t, single_chunk):
-        outs = _head_stats(h, lm_head, t, temperature, with_vocab_expectation, single_chunk)
+        temp = jnp.asarray(temperature, jnp.float32)
+        outs = _head_stats(h, lm_head, t, temp, with_vocab_expectation, single_chunk)
         return outs if with_vocab_expectation else outs[:2]
 
     return _chunked(chunk_fn, hidden, targets, chunk_size, with_vocab_expectation, remat=False)

@@ -300,3 +300,32 @@ def test_chunking_bounds_logits_memory():
     chunked, unchunked = temp_bytes(16), temp_bytes(length)
     assert unchunked >= full_bytes  # the measurement sees a full logits array when there is one
     assert chunked < 6 * chunk_bytes < full_bytes / 2, (chunked, chunk_bytes)
+
+
+@pytest.mark.parametrize("chunk", [2, 4])
+def test_traced_temperature_and_its_gradient(chunk):
+    """The temperature may be a traced array (a sweep inside jit), and its gradient is the true
+    one (the hand-written backward does not drop it), through both entry points."""
+    rng = np.random.default_rng(7)
+    hidden, w = F32(rng.normal(size=(2, 4, 8))), F32(rng.normal(size=(8, 16)))
+    t = jnp.asarray(rng.integers(0, 16, size=(2, 4)))
+
+    def plain(hh, ww, temp):
+        lp = jax.nn.log_softmax(hh @ ww / temp, -1)
+        ent = -jnp.sum(jnp.exp(lp) * lp, -1)
+        return jnp.sum(jnp.take_along_axis(lp, t[..., None], -1)[..., 0] * 0.3 + ent * 0.7)
+
+    def from_hidden(hh, ww, temp):
+        s = losses.token_logprobs_and_entropy(hh, ww, t, temp, chunk)
+        return jnp.sum(s.logp * 0.3 + s.entropy * 0.7)
+
+    def from_logits(hh, ww, temp):
+        s = losses.logprobs_and_entropy_from_logits(hh @ ww, t, temp, chunk)
+        return jnp.sum(s.logp * 0.3 + s.entropy * 0.7)
+
+    want = jax.grad(plain, argnums=(0, 1, 2))(hidden, w, jnp.float32(0.8))
+    for f in (from_hidden, from_logits):
+        got = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(hidden, w, jnp.float32(0.8))
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+        assert abs(float(got[2])) > 1e-3  # the temperature gradient is not a dropped zero
