@@ -5,6 +5,7 @@ of `modulate_advantages` + `policy_loss` against `policy_loss` alone, jitted, on
 [rows, tokens] float32 inputs. Prints the median of several runs.
 
     python benchmarks/bench_modulation.py --rows 4096 --tokens 1024
+    python benchmarks/bench_modulation.py --step     # also: a whole train-step update, on vs off
 """
 
 from __future__ import annotations
@@ -45,6 +46,18 @@ def main() -> None:
     parser.add_argument("--head_tokens", type=int, default=256)
     parser.add_argument("--head_hidden", type=int, default=256)
     parser.add_argument("--head_vocab", type=int, default=8192)
+    parser.add_argument(
+        "--step",
+        action="store_true",
+        help="also time TrainStep.update (model forward + backward + AdamW) with modulation on "
+        "and off on a random Qwen2-style model",
+    )
+    parser.add_argument("--step_layers", type=int, default=4)
+    parser.add_argument("--step_hidden", type=int, default=256)
+    parser.add_argument("--step_vocab", type=int, default=32768)
+    parser.add_argument("--step_rows", type=int, default=32)
+    parser.add_argument("--step_prompt", type=int, default=64)
+    parser.add_argument("--step_response", type=int, default=256)
     args = parser.parse_args()
     rows, length = args.rows, args.tokens
 
@@ -103,6 +116,8 @@ def main() -> None:
         head_comparison(
             args.head_rows, args.head_tokens, args.head_hidden, args.head_vocab, args.repeats
         )
+    if args.step:
+        step_comparison(args)
 
 
 def head_comparison(rows: int, length: int, hidden: int, vocab: int, repeats: int) -> None:
@@ -139,6 +154,75 @@ def head_comparison(rows: int, length: int, hidden: int, vocab: int, repeats: in
         f"{t['modulated'] / t['plain']:8.2f}"
     )
     print(f"modulation overhead with the head: {100 * (t['modulated'] / t['plain'] - 1):.1f}%")
+
+
+def step_comparison(args: argparse.Namespace) -> None:
+    """TrainStep.update (one minibatch, one micro-batch, on-policy) with modulation on and off:
+    what modulation adds to the update a trainer runs."""
+    from dynamo_jax import train_step as ts
+    from dynamo_jax.config import get_default_config
+    from dynamo_jax.models import ModelConfig, init_model
+
+    d, rows, p, m = args.step_hidden, args.step_rows, args.step_prompt, args.step_response
+    cfg = ModelConfig(
+        model_type="qwen2",
+        vocab_size=args.step_vocab,
+        hidden_size=d,
+        intermediate_size=4 * d,
+        num_layers=args.step_layers,
+        num_heads=d // 64,
+        num_kv_heads=max(1, d // 256),
+        head_dim=64,
+        max_position_embeddings=p + m,
+        tie_word_embeddings=True,
+    )
+    rng = np.random.default_rng(0)
+    lens = rng.integers(m // 4, m + 1, rows)
+    batch = ts.batch_from_rollouts(
+        rng.integers(1, cfg.vocab_size, (rows, p)),
+        np.full(rows, p),
+        rng.integers(1, cfg.vocab_size, (rows, m)),
+        (np.arange(m)[None] < lens[:, None]).astype(np.float32),
+        pad_id=0,
+    )
+    groups = max(1, rows // 8)
+    batch.update(
+        rewards=rng.choice([-1.0, 1.0], rows).astype(np.float32),
+        group_ids=np.repeat(np.arange(groups), rows // groups).astype(np.int32),
+        valid=np.ones(rows, bool),
+    )
+    model = init_model(cfg, 0)
+    steps, states = {}, {}
+    for name, on in (("modulation off", False), ("modulation on", True)):
+        c = get_default_config()
+        c.train.num_minibatches, c.train.micro_batch_rows = 1, rows
+        c.sampling.max_new_tokens = m
+        c.loss.logits_chunk_size = min(m, 128)
+        c.modulation.comp = c.modulation.stab = on
+        tx = ts.make_optimizer(c)
+        graphdef, rest, state = ts.init_train_state(model, tx)
+        steps[name] = ts.TrainStep(graphdef, rest, tx, ts.StepSettings.from_config(c, groups))
+        # own parameter buffers per variant: the update donates its state
+        states[name] = state.replace(params=jax.tree.map(jnp.copy, state.params))
+
+    def run(name):
+        def f():
+            states[name], metrics = steps[name].update(states[name], batch, jax.random.key(1))
+            return metrics
+
+        return f
+
+    t = timeit_interleaved({n: run(n) for n in steps}, repeats=args.repeats)
+    n_params = sum(x.size for x in jax.tree.leaves(states["modulation on"].params))
+    print(
+        f"\ntrain-step update (forward + backward + AdamW, on-policy): {args.step_layers} layers, "
+        f"d={d}, vocab {cfg.vocab_size}, {n_params / 1e6:.1f}M params; {rows} rows x "
+        f"({p} prompt + {m} response) tokens"
+    )
+    off, on = t["modulation off"], t["modulation on"]
+    print(f"{'update, modulation off':44s} {off * 1e3:9.1f} {1.0:8.2f}")
+    print(f"{'update, modulation on':44s} {on * 1e3:9.1f} {on / off:8.2f}")
+    print(f"modulation overhead in the update: {100 * (on / off - 1):.1f}%")
 
 
 if __name__ == "__main__":
