@@ -66,7 +66,6 @@ __all__ = [
     "SamplingParams",
     "row_keys",
     "sample_tokens",
-    "draw_uniforms",
 ]
 
 FINISH_EOS = 0  # the row emitted one of the EOS ids (it is the last masked token)
@@ -266,18 +265,8 @@ def _filter_threshold_bisect(
 FILTERS = {"bisect": _filter_threshold_bisect, "sort": _filter_threshold_sort}
 
 
-def draw_uniforms(keys: jax.Array) -> jax.Array:
-    """[R] typed keys -> [R] float32 uniforms in [tiny, 1): the one draw each sampled token uses."""
-    tiny = jnp.finfo(jnp.float32).tiny
-    return jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32, tiny, 1.0))(keys)
-
-
 def sample_tokens(
-    logits: jax.Array,
-    keys: jax.Array | None,
-    params: SamplingParams,
-    filter_method: str = "bisect",
-    uniforms: jax.Array | None = None,
+    logits: jax.Array, keys: jax.Array, params: SamplingParams, filter_method: str = "bisect"
 ) -> tuple[jax.Array, jax.Array]:
     """Draws one token per row.
 
@@ -286,8 +275,6 @@ def sample_tokens(
       keys: [R] typed PRNG keys, one per row (already folded with the step).
       params: traced knobs.
       filter_method: static; "bisect" (default) or "sort" for the top-k / top-p threshold.
-      uniforms: instead of keys, their `draw_uniforms(keys)` computed ahead (the decode loop
-        draws every step's at once, outside the loop).
 
     Returns:
       (tokens [R] int32, logp [R] float32 = log_softmax(logits / temperature)[token] under the
@@ -304,7 +291,8 @@ def sample_tokens(
     # max(logits / T) == max(logits) / T exactly (rounding is monotone), in one pass.
     logit_max = jnp.max(logits, axis=-1)  # [R]
     top = logit_max / temperature
-    u = draw_uniforms(keys) if uniforms is None else uniforms
+    tiny = jnp.finfo(jnp.float32).tiny
+    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32, tiny, 1.0))(keys)
     no_filter = jnp.full(logits.shape[:1], -jnp.inf, jnp.float32)
 
     def normaliser(logits: jax.Array) -> jax.Array:  # [R] sum of exp(scaled - top)
@@ -442,11 +430,8 @@ def _decode(
     def step_keys(t: jax.Array) -> jax.Array:
         return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, t)
 
-    # Every step's draws at once ([M, R], one vectorised pass): inside the loop the per-step
-    # key derivation cost a few small loops per token. The same numbers either way.
-    uniforms = jax.vmap(lambda t: draw_uniforms(step_keys(t)))(jnp.arange(m, dtype=jnp.int32))
     first, first_logp = sample_tokens(
-        slot_logits[row_to_prompt], None, params, cfg.filter_method, uniforms=uniforms[0]
+        slot_logits[row_to_prompt], step_keys(jnp.int32(0)), params, cfg.filter_method
     )
     tokens = jnp.full((rows, m), pad, jnp.int32).at[:, 0].set(jnp.where(valid, first, pad))
     logp = jnp.zeros((rows, m), jnp.float32).at[:, 0].set(jnp.where(valid, first_logp, 0.0))
@@ -462,9 +447,7 @@ def _decode(
         # The token sampled at step t-1 sits at position len + t - 1 (cache slot == position).
         positions = (lengths + t - 1)[:, None]
         logits, cache = model.decode(last[:, None], positions, cache, layer_params=layers)
-        new, new_logp = sample_tokens(
-            logits[:, 0], None, params, cfg.filter_method, uniforms=uniforms[t]
-        )
+        new, new_logp = sample_tokens(logits[:, 0], step_keys(t), params, cfg.filter_method)
         active = ~done
         col = (0, t)
         tokens = jax.lax.dynamic_update_slice(tokens, jnp.where(active, new, pad)[:, None], col)
