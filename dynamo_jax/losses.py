@@ -39,40 +39,27 @@ class TokenStats(NamedTuple):
     expected_pi_lambda: jax.Array | None  # sum_a pi_a^2 (log pi_a + H) (no gradient) or None
 
 
-def _chunk_stats(
-    logits: jax.Array, targets: jax.Array, temperature: float, with_vocab_expectation: bool
-) -> tuple[jax.Array, ...]:
-    """logits [..., V] (any dtype) -> float32 (logp of targets, entropy[, E_vocab]).
-
-    The gradient is written by hand (`_logp_entropy`): with z = logits / T, p = softmax(z),
-      d logp_y / dz = onehot(y) - p,     d H / dz = -p * (log p + H),
-    one elementwise pass over the chunk from the saved log-normaliser and entropy. Autodiff of
-    the forward instead builds a scatter for the target gather and re-reduces the softmax: at a
-    small vocabulary that backward took 7x the forward.
-    """
-    logp, entropy = _logp_entropy(logits, targets, jnp.asarray(temperature, jnp.float32))
-    if not with_vocab_expectation:
-        return logp, entropy
-    z = jax.lax.stop_gradient(logits).astype(jnp.float32) / temperature
-    logp_all = z - jax.nn.logsumexp(z, axis=-1, keepdims=True)
-    p = jnp.exp(logp_all)
-    h = jax.lax.stop_gradient(entropy)[..., None]
-    return logp, entropy, jnp.sum(p * p * (logp_all + h), axis=-1)
-
-
-def _logp_entropy_forward(logits, targets, temperature):
-    z = logits.astype(jnp.float32) / temperature
+def _softmax_stats(z, t, with_vocab):
+    """z [N, V] float32 scaled logits, t [N, 1] int32 targets -> (logp [N], entropy [N],
+    E_vocab [N] (zeros unless with_vocab), logz [N, 1]). E_vocab = sum_a p_a^2 (log p_a + H)."""
     logz = jax.nn.logsumexp(z, axis=-1, keepdims=True)
     logp_all = z - logz
-    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-    logp = jnp.take_along_axis(logp_all, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return logp, entropy, logz
+    p = jnp.exp(logp_all)
+    entropy = -jnp.sum(p * logp_all, axis=-1)
+    logp = jnp.take_along_axis(logp_all, t, axis=-1)[:, 0]
+    if with_vocab:
+        e_vocab = jnp.sum(p * p * (logp_all + entropy[:, None]), axis=-1)
+    else:
+        e_vocab = jnp.zeros_like(entropy)
+    return logp, entropy, e_vocab, logz
 
 
 def _softmax_stats_cotangent(z, logz, entropy, onehot, g_logp, g_entropy, temperature):
     """Cotangents of (logits, temperature) from those of (logp, entropy), z = logits / T:
       d logp_y / dz = onehot(y) - p,  d H / dz = -p (log p + H),  d z / dT = -z / T.
-    g_logp, g_entropy: [..., 1]; z: [..., V] float32; temperature: a scalar array."""
+    g_logp, g_entropy: [N, 1]; z: [N, V] float32; temperature: a scalar array. One elementwise
+    pass from the saved log-normaliser and entropy (autodiff of the forward instead builds a
+    scatter for the target gather and re-reduces the softmax)."""
     logp_all = z - logz
     p = jnp.exp(logp_all)
     g_z = g_logp * (onehot - p) - g_entropy * p * (logp_all + entropy[..., None])
@@ -80,30 +67,41 @@ def _softmax_stats_cotangent(z, logz, entropy, onehot, g_logp, g_entropy, temper
     return g_z / temperature, g_temperature.astype(temperature.dtype).reshape(temperature.shape)
 
 
-@jax.custom_vjp
-def _logp_entropy(logits, targets, temperature):
-    logp, entropy, _ = _logp_entropy_forward(logits, targets, temperature)
-    return logp, entropy
+def _flat_targets(targets):
+    return targets.reshape(-1, 1).astype(jnp.int32)
 
 
-def _logp_entropy_fwd(logits, targets, temperature):
-    logp, entropy, logz = _logp_entropy_forward(logits, targets, temperature)
-    return (logp, entropy), (logits, targets, logz, entropy, temperature)
+def _targets_cotangent(targets):
+    return np.zeros(targets.shape, jax.dtypes.float0)
 
 
-def _logp_entropy_bwd(residuals, cotangents):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _logits_stats(logits, targets, temperature, with_vocab):
+    """(logp, entropy, E_vocab or zeros) of one chunk of logits [..., V] (any dtype), float32,
+    with the hand-written gradient of `_softmax_stats_cotangent`."""
+    return _logits_stats_fwd(logits, targets, temperature, with_vocab)[0]
+
+
+def _logits_stats_fwd(logits, targets, temperature, with_vocab):
+    z = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32) / temperature
+    logp, entropy, e_vocab, logz = _softmax_stats(z, _flat_targets(targets), with_vocab)
+    outs = tuple(o.reshape(targets.shape) for o in (logp, entropy, e_vocab))
+    return outs, (logits, targets, logz, entropy, temperature)
+
+
+def _logits_stats_bwd(with_vocab, residuals, cotangents):
     logits, targets, logz, entropy, temperature = residuals
-    g_logp, g_entropy = cotangents
-    z = logits.astype(jnp.float32) / temperature
-    onehot = targets[..., None] == jnp.arange(logits.shape[-1], dtype=targets.dtype)
+    g_logp, g_entropy, _ = (c.reshape(-1, 1) for c in cotangents)  # E_vocab: no gradient
+    z = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32) / temperature
+    onehot = _flat_targets(targets) == jnp.arange(z.shape[-1], dtype=jnp.int32)
     d_logits, d_temperature = _softmax_stats_cotangent(
-        z, logz, entropy, onehot, g_logp[..., None], g_entropy[..., None], temperature
+        z, logz, entropy, onehot, g_logp, g_entropy, temperature
     )
-    targets_ct = np.zeros(targets.shape, jax.dtypes.float0)
-    return d_logits.astype(logits.dtype), targets_ct, d_temperature
+    d_logits = d_logits.reshape(logits.shape).astype(logits.dtype)
+    return d_logits, _targets_cotangent(targets), d_temperature
 
 
-_logp_entropy.defvjp(_logp_entropy_fwd, _logp_entropy_bwd)
+_logits_stats.defvjp(_logits_stats_fwd, _logits_stats_bwd)
 
 
 def _chunked(
@@ -112,11 +110,10 @@ def _chunked(
     targets: jax.Array,
     chunk_size: int,
     with_vocab_expectation: bool,
-    remat: bool,
 ) -> TokenStats:
     """Map chunk_fn(x [rows, C, ...], targets [rows, C], single_chunk) -> (logp, entropy[, E])
-    over chunks of the length axis of xs [rows, T, ...]; `remat` rematerialises each chunk in
-    the backward pass when there are several."""
+    over chunks of the length axis of xs [rows, T, ...]. chunk_fn's own gradient keeps no
+    [rows, C, V] float32 array between forward and backward, so no jax.checkpoint is needed."""
     rows, length = targets.shape
     chunk = max(1, min(chunk_size, length))
     n_chunks = -(-length // chunk)
@@ -130,10 +127,7 @@ def _chunked(
     if n_chunks == 1:
         outs = [o[None] for o in chunk_fn(xs_c[0], t_c[0], True)]
     else:
-        body = functools.partial(chunk_fn, single_chunk=False)
-        if remat:
-            body = jax.checkpoint(body)
-        outs = jax.lax.map(lambda args: body(*args), (xs_c, t_c))
+        outs = jax.lax.map(lambda args: chunk_fn(*args, single_chunk=False), (xs_c, t_c))
     outs = [jnp.moveaxis(o, 0, 1).reshape(rows, n_chunks * chunk)[:, :length] for o in outs]
     return TokenStats(outs[0], outs[1], outs[2] if with_vocab_expectation else None)
 
@@ -160,27 +154,18 @@ def _head_logits(hidden, lm_head, temperature):
 
 def _head_stats_fwd(hidden, lm_head, targets, temperature, with_vocab, save_logits):
     z = _head_logits(hidden, lm_head, temperature)
-    logz = jax.nn.logsumexp(z, axis=-1, keepdims=True)
-    logp_all = z - logz
-    p = jnp.exp(logp_all)
-    entropy = -jnp.sum(p * logp_all, axis=-1)
-    t = targets.reshape(-1, 1).astype(jnp.int32)
-    logp = jnp.take_along_axis(logp_all, t, axis=-1)[:, 0]
-    if with_vocab:
-        e_vocab = jnp.sum(p * p * (logp_all + entropy[:, None]), axis=-1)
-    else:
-        e_vocab = jnp.zeros_like(entropy)
+    logp, entropy, e_vocab, logz = _softmax_stats(z, _flat_targets(targets), with_vocab)
     outs = tuple(o.reshape(targets.shape) for o in (logp, entropy, e_vocab))
-    residuals = (hidden, lm_head, t, logz, entropy, z if save_logits else None, temperature)
+    residuals = (hidden, lm_head, targets, logz, entropy, z if save_logits else None, temperature)
     return outs, residuals
 
 
 def _head_stats_bwd(with_vocab, save_logits, residuals, cotangents):
-    hidden, lm_head, t, logz, entropy, z, temperature = residuals
+    hidden, lm_head, targets, logz, entropy, z, temperature = residuals
     g_logp, g_entropy, _ = (c.reshape(-1, 1) for c in cotangents)  # E_vocab: no gradient
     if z is None:
         z = _head_logits(hidden, lm_head, temperature)
-    onehot = t == jnp.arange(z.shape[-1], dtype=jnp.int32)
+    onehot = _flat_targets(targets) == jnp.arange(z.shape[-1], dtype=jnp.int32)
     dz, d_temperature = _softmax_stats_cotangent(
         z, logz, entropy, onehot, g_logp, g_entropy, temperature
     )
@@ -189,8 +174,7 @@ def _head_stats_bwd(with_vocab, save_logits, residuals, cotangents):
     d_hidden = jnp.dot(dz, w.T, preferred_element_type=jnp.float32).astype(hidden.dtype)
     h_t = jax.lax.optimization_barrier(hidden.reshape(-1, hidden.shape[-1]).T)  # [D, rows * C]
     d_head = jnp.dot(h_t, dz, preferred_element_type=jnp.float32).astype(lm_head.dtype)
-    targets_ct = np.zeros(t.shape[:1], jax.dtypes.float0).reshape(hidden.shape[:-1])
-    return d_hidden.reshape(hidden.shape), d_head, targets_ct, d_temperature
+    return d_hidden.reshape(hidden.shape), d_head, _targets_cotangent(targets), d_temperature
 
 
 _head_stats.defvjp(_head_stats_fwd, _head_stats_bwd)
@@ -229,7 +213,7 @@ def token_logprobs_and_entropy(
         outs = _head_stats(h, lm_head, t, temp, with_vocab_expectation, single_chunk)
         return outs if with_vocab_expectation else outs[:2]
 
-    return _chunked(chunk_fn, hidden, targets, chunk_size, with_vocab_expectation, remat=False)
+    return _chunked(chunk_fn, hidden, targets, chunk_size, with_vocab_expectation)
 
 
 def logprobs_and_entropy_from_logits(
@@ -246,9 +230,10 @@ def logprobs_and_entropy_from_logits(
     """
 
     def chunk_fn(x, t, single_chunk):
-        return _chunk_stats(x, t, temperature, with_vocab_expectation)
+        outs = _logits_stats(x, t, jnp.asarray(temperature, jnp.float32), with_vocab_expectation)
+        return outs if with_vocab_expectation else outs[:2]
 
-    return _chunked(chunk_fn, logits, targets, chunk_size, with_vocab_expectation, remat=True)
+    return _chunked(chunk_fn, logits, targets, chunk_size, with_vocab_expectation)
 
 
 def kl_penalty(logp: jax.Array, ref_logp: jax.Array, estimator: str = "k3") -> jax.Array:
