@@ -27,6 +27,7 @@ SHAPES = {
     # name: (rows, positions, hidden, vocab, chunk)
     "peer": (64, 32, 64, 512, 32),  # benchmarks/bench_peers.py's model and batch
     "qwen0.5b": (16, 32, 896, 151936, 32),  # Qwen2.5-0.5B's head, bench_train_step's batch
+    "qwen0.5b_8k": (64, 128, 896, 151936, 32),  # the same head on 8,192 tokens (accelerators)
 }
 
 
@@ -67,6 +68,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="peer,qwen0.5b", help=f"comma list of {sorted(SHAPES)}")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--chain",
+        type=int,
+        default=1,
+        help="calls per timed sample, dispatched back to back (device time on an accelerator)",
+    )
     args = ap.parse_args()
     load = os.getloadavg()
     print(
@@ -91,13 +98,13 @@ def main() -> None:
         for _ in range(args.repeats):
             for n, f in fns.items():
                 t = time.perf_counter()
-                jax.block_until_ready(f(*inputs))
-                times[n].append(time.perf_counter() - t)
+                jax.block_until_ready([f(*inputs) for _ in range(args.chain)])
+                times[n].append((time.perf_counter() - t) / args.chain)
         (_, g_lib), (_, g_ref) = outs.values()
         diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(g_lib, g_ref, strict=True))
         print(
             f"\n== {name}: {rows} rows x {length} positions, hidden {d}, vocab {v}, chunk "
-            f"{chunk}; forward + backward, median of {args.repeats}"
+            f"{chunk}; forward + backward, median of {args.repeats} (x{args.chain} calls)"
         )
         med = {n: float(np.median(t)) * 1e3 for n, t in times.items()}
         base = med["autodiff reference"]

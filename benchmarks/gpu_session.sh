@@ -2,7 +2,8 @@
 # One device session on a lent GPU machine (no internet there; its image has JAX/flax/optax/orbax/
 # torch; ml_collections and tensorboardX travel as wheels in .whl/). Runs the steps named in
 # $STEPS (default "modulation,head,sampler"), each under a deadline:
-#   modulation: the modulation-overhead benchmark of issue 2 on the accelerator;
+#   modulation: the modulation-overhead benchmark of issue 2 on the accelerator (bare, with the
+#               LM head, and in a whole train-step update; device time per call via --chain);
 #   head:       the LM head's hand-written gradient against autodiff (benchmarks/bench_head.py):
 #               the custom VJP was tuned on XLA:CPU, this checks it is not slower on the GPU;
 #   sweep:      more seeds ($SWEEP_SEEDS) of the ablation sweep of issue 6 on the GPU, after a
@@ -35,12 +36,13 @@ fi
 
 if want modulation; then
   echo "== modulation benchmark ($(left)s left)"
-  timeout 150 python3 benchmarks/bench_modulation.py --rows 4096 --tokens 1024 --repeats 20 \
-    --head 2>&1 | tee "$OUT/modulation_gpu.txt"
+  timeout 200 python3 benchmarks/bench_modulation.py --rows 4096 --tokens 1024 --repeats 20 \
+    --chain 50 --head --step 2>&1 | tee "$OUT/modulation_gpu.txt"
 fi
 if want head; then
   echo "== LM-head gradient benchmark ($(left)s left)"
-  timeout 150 python3 benchmarks/bench_head.py --repeats 20 2>&1 | tee "$OUT/head_gpu.txt"
+  timeout 150 python3 benchmarks/bench_head.py --repeats 10 --chain 5 \
+    --shapes peer,qwen0.5b,qwen0.5b_8k 2>&1 | tee "$OUT/head_gpu.txt"
 fi
 
 if want sweep; then
