@@ -188,7 +188,14 @@ def print_breakdown(name: str, med: dict[str, float], resp_tokens: float, train_
 
 
 def print_flops(
-    name: str, jx: dict, xla: float, ana: dict, med: dict, total: float, peak: float
+    name: str,
+    jx: dict,
+    xla: float,
+    ana: dict,
+    med: dict,
+    total: float,
+    peak: float,
+    old_logp_pass: bool = True,
 ) -> None:
     up, lp = jx["update"], jx["logprobs"]
     print(
@@ -201,12 +208,15 @@ def print_flops(
         f"{ana['sampling_fwd'] / 1e9:.2f} G"
     )
     up_rate = up / med["update"]
-    lp_rate = lp / med["logprobs"]
+    if old_logp_pass:
+        lp_rate = lp / med["logprobs"]
+        lp_text = f"old log-probs {lp_rate / 1e9:.1f} G/s = {lp_rate / peak:.1%}"
+    else:
+        lp, lp_text = 0.0, "old log-probs not run (taken from the update)"
     all_rate = (up + lp + ana["sampling_fwd"]) / total
     print(
         f"  [{name}] FLOP/s: update {up_rate / 1e9:.1f} G/s = {up_rate / peak:.1%} of peak | "
-        f"old log-probs {lp_rate / 1e9:.1f} G/s = {lp_rate / peak:.1%} | whole step "
-        f"{all_rate / 1e9:.1f} G/s = {all_rate / peak:.1%}"
+        f"{lp_text} | whole step {all_rate / 1e9:.1f} G/s = {all_rate / peak:.1%}"
     )
 
 
@@ -310,10 +320,22 @@ def run_embedded(args: argparse.Namespace) -> None:
     med = median_phases(recs)
     rows, plen, m_new = budget, config.buckets.prompt_len[0], config.sampling.max_new_tokens
     total = print_breakdown("embedded", med, float(np.median(toks)), rows * (plen + m_new))
-    _flops_report("embedded", args, step_fn, state, sampler, mcfg, med, total)
+    _flops_report(
+        "embedded",
+        args,
+        step_fn,
+        state,
+        sampler,
+        mcfg,
+        med,
+        total,
+        old_logp_pass=step_fn.settings.num_minibatches > 1,
+    )
 
 
-def _flops_report(name, args, step_fn, state, sampler, mcfg, med, total) -> None:
+def _flops_report(
+    name, args, step_fn, state, sampler, mcfg, med, total, old_logp_pass=True
+) -> None:
     """Builds one batch of the workload's shape and counts the FLOPs of its programs."""
     s = step_fn.settings
     rows = int(sampler.spec.row_buckets[0])
@@ -345,7 +367,7 @@ def _flops_report(name, args, step_fn, state, sampler, mcfg, med, total) -> None
     xla = xla_cost_flops(step_fn._update, state, batch, key) if args.xla_cost else float("nan")
     ana = analytic_flops(mcfg, rows, plen, m_new)
     peak = PEAK.measure()
-    print_flops(name, jx, xla, ana, med, total, peak)
+    print_flops(name, jx, xla, ana, med, total, peak, old_logp_pass)
 
 
 # ---------------------------------------------------------------------------- qwen-shaped run
@@ -382,14 +404,18 @@ def run_qwen(args: argparse.Namespace) -> None:
     config.rollouts_per_prompt = shape.group
     config.sampling.max_new_tokens = shape.new_tokens
     config.train.num_minibatches = 1
-    config.train.micro_batch_rows = rows
-    config.loss.logits_chunk_size = shape.new_tokens
+    config.train.micro_batch_rows = args.qwen_micro_rows or rows
+    config.loss.logits_chunk_size = args.qwen_logits_chunk or shape.new_tokens
+    config.model.remat = args.qwen_remat
+    config.model.dtype = args.qwen_dtype
     config.optim.learning_rate = 1e-6
     compilation.install()
     t = time.perf_counter()
     # On a one-device mesh, as the trainer builds it (the sampler takes the model's mesh).
     mesh = shd.make_mesh(data=-1, fsdp=1, tensor=1)
-    model = init_model(mcfg, 0, mesh=mesh)
+    model = init_model(
+        mcfg, 0, mesh=mesh, remat=args.qwen_remat, dtype=getattr(jnp, args.qwen_dtype)
+    )
     tx = ts.make_optimizer(config)
     graphdef, rest, state = ts.init_train_state(model, tx)
     settings = ts.StepSettings.from_config(config, num_groups=shape.prompts)
@@ -409,8 +435,11 @@ def run_qwen(args: argparse.Namespace) -> None:
         f"\n== qwen0.5b-shaped (random): {mcfg.num_layers} layers, d={mcfg.hidden_size}, "
         f"vocab {mcfg.vocab_size}, {n_params / 1e6:.0f}M params float32; {shape.prompts} prompts "
         f"x {shape.group} = {rows} rows, {shape.prompt_len} prompt tokens, {shape.new_tokens} new "
-        f"tokens (no EOS), 1 minibatch, modulation comp={settings.comp} stab={settings.stab}; "
-        f"init {time.perf_counter() - t:.1f}s"
+        f"tokens (no EOS), 1 minibatch of {settings.micro_batch_rows}-row micro-batches, "
+        f"compute {args.qwen_dtype}, remat {args.qwen_remat}, modulation comp={settings.comp} "
+        f"stab={settings.stab}; old log-probs "
+        f"{'in a separate pass' if args.qwen_old_logp_pass else 'from the update (as the trainer)'}"
+        f"; init {time.perf_counter() - t:.1f}s"
     )
     rng = np.random.default_rng(0)
     key = jax.random.key(0)
@@ -433,8 +462,9 @@ def run_qwen(args: argparse.Namespace) -> None:
             out.prompt_tokens, out.prompt_lengths, out.response_tokens, out.response_mask, 0
         )
         batch.update(rewards=rewards, group_ids=out.group_id.astype(np.int32), valid=out.valid)
-        batch["old_logp"] = step_fn.logprobs(state.params, batch).logp
-        jax.block_until_ready(batch["old_logp"])
+        if args.qwen_old_logp_pass:  # the trainer skips it with one minibatch (on-policy)
+            batch["old_logp"] = step_fn.logprobs(state.params, batch).logp
+            jax.block_until_ready(batch["old_logp"])
         t4 = time.perf_counter()
         state, m = step_fn.update(state, batch, jax.random.fold_in(key, 10**6 + step))
         jax.device_get(m)
@@ -462,7 +492,17 @@ def run_qwen(args: argparse.Namespace) -> None:
     total = print_breakdown(
         "qwen0.5b", med, rows * shape.new_tokens, rows * (shape.prompt_len + shape.new_tokens)
     )
-    _flops_report("qwen0.5b", args, step_fn, state, sampler, mcfg, med, total)
+    _flops_report(
+        "qwen0.5b",
+        args,
+        step_fn,
+        state,
+        sampler,
+        mcfg,
+        med,
+        total,
+        old_logp_pass=args.qwen_old_logp_pass,
+    )
 
 
 # ---------------------------------------------------------------------------- backward probe
@@ -552,6 +592,22 @@ def main() -> None:
     ap.add_argument("--qwen-group", type=int, default=4)
     ap.add_argument("--qwen-prompt-len", type=int, default=64)
     ap.add_argument("--qwen-new-tokens", type=int, default=32)
+    ap.add_argument(
+        "--qwen-micro-rows", type=int, default=0, help="qwen: rows per micro-batch (0: all rows)"
+    )
+    ap.add_argument(
+        "--qwen-logits-chunk", type=int, default=0, help="qwen: loss.logits_chunk_size (0: all)"
+    )
+    ap.add_argument("--qwen-remat", action="store_true", help="qwen: model.remat = True")
+    ap.add_argument(
+        "--qwen-dtype", default="float32", choices=("float32", "bfloat16"), help="qwen: compute"
+    )
+    ap.add_argument(
+        "--qwen-old-logp-pass",
+        action="store_true",
+        help="qwen: time the separate old-log-prob pass (the trainer runs it only with several "
+        "minibatches; by default the update takes them from its own forward)",
+    )
     ap.add_argument(
         "--no-xla-cost", dest="xla_cost", action="store_false", help="skip XLA cost analysis"
     )
