@@ -458,3 +458,36 @@ def test_layer_scan_and_layer_loop_agree(monkeypatch):
     np.testing.assert_allclose(np.asarray(step), np.asarray(loop[3]), atol=1e-5, rtol=0)
     for a, b in zip(jax.tree.leaves(cache.stacked()), jax.tree.leaves(stacked_cache), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+
+
+def test_decode_weights_cast_once_to_the_compute_dtype():
+    """With float32 master weights and bfloat16 compute, layer_params() and decode_head() hand a
+    decode loop the weights already in the compute dtype (so the loop does not convert them at
+    every step), and decoding with them gives the same logits and cache as the plain call."""
+    config = ModelConfig.from_hf_dict(_hf_dict(model_type="qwen2", head_dim=8, num_hidden_layers=2))
+    model = init_model(config, 0, dtype=jnp.bfloat16)
+    assert model.layers.wq.get_value().dtype == jnp.float32
+    layers, head = model.layer_params(), model.decode_head()
+    assert {a.dtype for layer in layers for a in layer.values()} == {jnp.dtype(jnp.bfloat16)}
+    assert head.dtype == jnp.bfloat16 and head.shape == (config.hidden_size, config.vocab_size)
+    graphdef, state = nnx.split(model)
+    rng = np.random.RandomState(0)
+    ids = jnp.asarray(rng.randint(0, 32, (3, 8)))
+    pos = jnp.broadcast_to(jnp.arange(8), (3, 8))
+    step_ids, step_pos = jnp.asarray(rng.randint(0, 32, (3, 1))), jnp.full((3, 1), 8)
+
+    @jax.jit
+    def both(state):
+        m = nnx.merge(graphdef, state)
+        _, cache = m.decode(ids, pos, m.init_cache(3, 12))
+        plain = m.decode(step_ids, step_pos, cache.unstacked())
+        h, c = m.decode(
+            step_ids, step_pos, cache.unstacked(), layer_params=m.layer_params(), return_hidden=True
+        )
+        return plain, (m.logits_from_hidden(h, m.decode_head()), c)
+
+    (logits, cache), (logits_cast, cache_cast) = both(state)
+    assert logits.dtype == jnp.float32 and cache.k[0].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(logits_cast), np.asarray(logits))
+    for a, b in zip(jax.tree.leaves(cache_cast), jax.tree.leaves(cache), strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))

@@ -41,11 +41,14 @@ API (B = batch rows, T = tokens in the call, S = cache slots, V = vocab, E = hid
     logits, cache = model.decode(tokens[B, T], positions[B, T], cache,
                                  write_mask=None, return_hidden=False, layer_params=None)
 
-    # In a decode loop: per-layer weights (sliced once) and a per-layer cache, both read and
-    # updated in place by every step instead of copied out of the stacked arrays.
+    # In a decode loop: per-layer weights (sliced and cast to the compute dtype once) and a
+    # per-layer cache, both read and updated in place by every step instead of copied out of
+    # the stacked arrays (and converted) at every step.
     layers = model.layer_params()                              # before the loop
+    head = model.decode_head()                                 # before the loop
     cache = cache.unstacked()                                  # k, v: tuples of [B, K, S, D]
-    logits, cache = model.decode(tok, pos, cache, layer_params=layers)   # in the loop body
+    h, cache = model.decode(tok, pos, cache, layer_params=layers, return_hidden=True)
+    logits = model.logits_from_hidden(h, head)                 # in the loop body
 
 KV cache: ``KVCache(k, v)``, a pytree of two arrays [layers, B, kv_heads, S, head_dim] (batch on
 axis 1 for both, so ``jax.tree.map(lambda x: x[:, row_to_prompt], cache)`` fans prompts out to
@@ -278,9 +281,10 @@ class Transformer(nnx.Module):
             return self.embed.get_value().T
         return self.lm_head.get_value()
 
-    def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
-        """[..., E] hidden -> [..., V] float32 logits."""
-        w = self.lm_head_weight().astype(self.dtype)
+    def logits_from_hidden(self, hidden: jax.Array, weight: jax.Array | None = None) -> jax.Array:
+        """[..., E] hidden -> [..., V] float32 logits. ``weight``: optionally the LM-head matrix
+        already cast to the compute dtype, taken once outside a decode loop (``decode_head``)."""
+        w = (self.lm_head_weight() if weight is None else weight).astype(self.dtype)
         lead, e = hidden.shape[:-1], hidden.shape[-1]
         logits = jnp.matmul(
             hidden.astype(self.dtype).reshape(-1, e), w, preferred_element_type=jnp.float32
@@ -288,13 +292,23 @@ class Transformer(nnx.Module):
         return logits.reshape(*lead, w.shape[-1])
 
     def layer_params(self) -> list[dict[str, jax.Array]]:
-        """Each layer's parameter arrays (slices of the stacked ones), for ``decode``.
+        """Each layer's parameter arrays (slices of the stacked ones), for ``decode``, in the
+        compute dtype (every use casts a parameter to it, so the values are the same).
 
         Inside a decode loop, take them once before the loop and pass them to every step
         (``decode(..., layer_params=...)``): otherwise each step slices (copies) every layer's
-        weights out of the stacked arrays.
+        weights out of the stacked arrays and, with float32 master weights and a bfloat16
+        compute dtype, converts them all again.
         """
-        return self.layers.per_layer()
+        return [
+            {name: a.astype(self.dtype) for name, a in layer.items()}
+            for layer in self.layers.per_layer()
+        ]
+
+    def decode_head(self) -> jax.Array:
+        """The LM-head matrix [E, V] in the compute dtype, for ``logits_from_hidden(h, it)`` in a
+        decode loop (taken once before the loop, like ``layer_params``)."""
+        return self.lm_head_weight().astype(self.dtype)
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
         """Zero KVCache with k, v [layers, batch, kv_heads, max_len, head_dim]."""
