@@ -154,3 +154,60 @@ def test_help_and_config_errors(env):
     assert bad.returncode != 0
     assert "allocation.n_low = 9" in bad.stderr and "[72, 64]" in bad.stderr
     assert not Path("/nonexistent/never").exists()
+
+
+def _out_of_memory():
+    """A real device out-of-memory error: XLA's RESOURCE_EXHAUSTED for 256 TiB, more than a
+    47-bit address space holds, so the allocation fails at once even where the OS overcommits."""
+    import jax
+    import jax.numpy as jnp
+
+    jax.jit(lambda: jnp.ones((2**46,), jnp.float32))().block_until_ready()
+
+
+def test_out_of_memory_is_explained_with_the_fields_to_change():
+    """A device OOM inside the guard becomes a MemoryError naming the config fields (with this
+    run's values) that bound a step's memory; XLA's error stays its cause; other errors pass."""
+    import jax
+
+    from dynamo_jax.config import get_default_config
+    from dynamo_jax.trainer import explain_out_of_memory
+
+    c = get_default_config()
+    c.train.micro_batch_rows, c.sampling.max_rows_per_call = 48, 0
+    with pytest.raises(MemoryError) as info:
+        with explain_out_of_memory(c, "RL step 3"):
+            _out_of_memory()
+    msg = str(info.value)
+    assert msg.startswith("RL step 3 ran out of device memory")
+    for text in (
+        "model.remat=True (now False)",
+        "train.micro_batch_rows=48 rows x up to 5120 positions",  # 2048 prompt + 3072 new
+        "sampling.max_rows_per_call=0 (8192 of the step's 8192 rollouts)",
+        "loss.logits_chunk_size=128",
+        "model.dtype=float32",
+        "mesh.fsdp=",
+    ):
+        assert text in msg, text
+    assert isinstance(info.value.__cause__, jax.errors.JaxRuntimeError)
+    assert "RESOURCE_EXHAUSTED" in str(info.value.__cause__)
+    with pytest.raises(ValueError, match="^unrelated$"):
+        with explain_out_of_memory(c, "RL step 3"):
+            raise ValueError("unrelated")
+
+
+def test_train_loop_explains_an_out_of_memory_step(monkeypatch, tmp_path):
+    """trainer.train wraps each RL step in the guard (the step is replaced by a real OOM)."""
+    import importlib.util
+
+    from dynamo_jax import trainer
+
+    spec = importlib.util.spec_from_file_location("arith_tiny", ROOT / "configs" / "arith_tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.sft.steps, c.eval.num_prompts, c.data.num_train, c.data.num_heldout = 0, 4, 64, 16
+    c.model.architecture.num_hidden_layers = 1
+    monkeypatch.setattr(trainer, "_rl_step", lambda *a, **k: _out_of_memory())
+    with pytest.raises(MemoryError, match="^RL step 0 ran out of device memory"):
+        trainer.train(c, str(tmp_path), progress=False, log=lambda msg: None)
