@@ -444,6 +444,11 @@ def heldout_metrics(
     """Held-out metrics; "eval_accuracy" is Pass@1. A task with benchmark files (data.task =
     "math", eval.benchmarks) adds pass@k / maj@k per benchmark and their average as
     "eval/<benchmark>/<metric>" and writes eval_step_<step>.md/.json into `out_dir`."""
+    with explain_out_of_memory(config, f"The held-out evaluation at step {step}"):
+        return _heldout_metrics(config, sampler, params, task, key, out_dir, step)
+
+
+def _heldout_metrics(config, sampler, params, task, key, out_dir, step) -> dict[str, float]:
     benchmarks = getattr(task, "benchmarks", None)
     if benchmarks:
         from dynamo_jax import evaluation

@@ -197,7 +197,8 @@ def test_out_of_memory_is_explained_with_the_fields_to_change():
 
 
 def test_train_loop_explains_an_out_of_memory_step(monkeypatch, tmp_path):
-    """trainer.train wraps each RL step in the guard (the step is replaced by a real OOM)."""
+    """trainer.train wraps each RL step and each held-out evaluation in the guard (each is
+    replaced by a real OOM in turn)."""
     import importlib.util
 
     from dynamo_jax import trainer
@@ -210,4 +211,7 @@ def test_train_loop_explains_an_out_of_memory_step(monkeypatch, tmp_path):
     c.model.architecture.num_hidden_layers = 1
     monkeypatch.setattr(trainer, "_rl_step", lambda *a, **k: _out_of_memory())
     with pytest.raises(MemoryError, match="^RL step 0 ran out of device memory"):
+        trainer.train(c, str(tmp_path), progress=False, log=lambda msg: None)
+    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: _out_of_memory())
+    with pytest.raises(MemoryError, match="^The held-out evaluation at step 0 ran out of device"):
         trainer.train(c, str(tmp_path), progress=False, log=lambda msg: None)
