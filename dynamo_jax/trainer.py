@@ -46,27 +46,13 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def out_of_memory_advice(config: Any, where: str) -> str:
     """What to change when ``where`` ran out of device memory: the config fields that bound a
-    step's memory, with their current values."""
-    c = config
-    rows = c.prompts_per_step * c.rollouts_per_prompt
-    positions = max(c.buckets.prompt_len) + c.sampling.max_new_tokens
-    per_call = c.sampling.max_rows_per_call or rows
-    mesh = f"mesh.data={c.mesh.data}, mesh.fsdp={c.mesh.fsdp}, mesh.tensor={c.mesh.tensor}"
+    step's memory, with their current values (``memory_plan.memory_advice``)."""
+    from dynamo_jax.memory_plan import memory_advice
+
     return (
-        f"{where} ran out of device memory. What bounds it, with this run's values:\n"
-        f"  - the update keeps every layer's activations of a micro-batch for the backward pass "
-        f"unless model.remat=True (now {c.model.remat}): train.micro_batch_rows="
-        f"{c.train.micro_batch_rows} rows x up to {positions} positions per micro-batch;\n"
-        f"  - the log-probs hold loss.logits_chunk_size={c.loss.logits_chunk_size} positions x "
-        f"the vocabulary in float32 per row at a time;\n"
-        f"  - sampling holds a KV cache for sampling.max_rows_per_call="
-        f"{c.sampling.max_rows_per_call} ({per_call} of the step's {rows} rollouts) x "
-        f"{positions} positions;\n"
-        f"  - weights and the two AdamW moments in model.param_dtype={c.model.param_dtype}, "
-        f"compute in model.dtype={c.model.dtype}, split over the mesh ({mesh}).\n"
-        f"Try, in this order: model.remat=True; a smaller train.micro_batch_rows; a smaller "
-        f"sampling.max_rows_per_call; model.dtype=bfloat16; more devices on mesh.fsdp. "
-        f"XLA's own message is the cause shown above."
+        f"{where} ran out of device memory. {memory_advice(config)} XLA's own message is the "
+        "cause shown above; `python -m experiments.plan_memory --config ...` shows the plan "
+        "per device before a run."
     )
 
 

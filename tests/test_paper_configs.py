@@ -20,18 +20,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import optax
 import pytest
-from flax import nnx
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # when run as a script
@@ -39,9 +34,8 @@ if str(ROOT) not in sys.path:  # when run as a script
 
 from dynamo_jax import config as config_lib  # noqa: E402
 from dynamo_jax import math_task  # noqa: E402
-from dynamo_jax import sharding as shd  # noqa: E402
-from dynamo_jax import train_step as ts  # noqa: E402
-from dynamo_jax.models import ModelConfig, Transformer  # noqa: E402
+from dynamo_jax.memory_plan import compile_update  # noqa: E402
+from dynamo_jax.models import ModelConfig  # noqa: E402
 
 GiB = 2**30
 CONFIGS = {
@@ -139,84 +133,6 @@ def test_missing_paths_fail_at_run_start_naming_the_fields(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Sharding plan: abstract model, compiled update, per-device memory
 # ------------------------------------------------------------------------------------------------
-def compile_update(config, rows: int, prompt_len: int, response_len: int, devices=None):
-    """Lowers + compiles `TrainStep`'s update for the config's model and mesh without allocating
-    parameters. One optimiser update over `rows` rows in micro-batches of one row per device
-    (the config's N, n and minibatch count only set how many such updates a step makes).
-
-    Returns (compiled, info) with info: mesh shape, parameter count, seconds."""
-    devices = list(jax.devices() if devices is None else devices)
-    mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
-    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-    model_cfg = ModelConfig.from_hf_dict(config.model.architecture.to_dict())
-    t0 = time.perf_counter()
-    abstract = nnx.eval_shape(
-        lambda: Transformer(
-            model_cfg,
-            rngs=nnx.Rngs(0),
-            dtype=dtypes[config.model.dtype],
-            param_dtype=dtypes[config.model.param_dtype],
-            remat=config.model.remat,
-        )
-    )
-    abstract.set_mesh(mesh)  # activation sharding constraints, as load_pretrained(mesh=...) does
-    graphdef, params, rest = ts.split_model(abstract)
-    shardings = shd.state_shardings(params, mesh)
-
-    def struct(x, sharding):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-
-    params = jax.tree.map(struct, params, shardings)
-    scalar = shd.replicated(mesh)
-    tx = ts.make_optimizer(config)
-    opt_state = optax.tree_utils.tree_map_params(
-        tx,
-        struct,
-        jax.eval_shape(tx.init, params),
-        shardings,
-        transform_non_params=lambda x: struct(x, scalar),
-    )
-    state = ts.TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar),
-        params=params,
-        opt_state=opt_state,
-        ref_params=jax.tree.map(lambda x: x, params) if config.loss.kl_coef > 0 else None,
-    )
-    step_config = config.copy_and_resolve_references()
-    step_config.train.micro_batch_rows = len(devices)
-    step_config.train.num_minibatches = rows // len(devices)
-    settings = ts.StepSettings.from_config(step_config, num_groups=max(rows // 16, 1))
-    step = ts.TrainStep(
-        graphdef, rest, tx, settings, ts.state_shardings(state), shd.batch_sharding(mesh)
-    )
-    total = prompt_len + response_len
-
-    def arr(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype)
-
-    batch = {
-        "input_ids": arr((rows, total), jnp.int32),
-        "positions": arr((rows, total), jnp.int32),
-        "attention_mask": arr((rows, total), jnp.bool_),
-        "targets": arr((rows, response_len), jnp.int32),
-        "response_mask": arr((rows, response_len), jnp.float32),
-        "old_logp": arr((rows, response_len), jnp.float32),
-        "rewards": arr((rows,), jnp.float32),
-        "group_ids": arr((rows,), jnp.int32),
-        "valid": arr((rows,), jnp.bool_),
-    }
-    if config.loss.kl_coef > 0:
-        batch["ref_logp"] = arr((rows, response_len), jnp.float32)
-    # The jitted update the trainer calls (in/out shardings pinned, state donated).
-    compiled = step._update.lower(state, batch, jax.random.key(0)).compile()
-    info = {
-        "mesh": dict(mesh.shape),
-        "num_params": sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
-        "seconds": time.perf_counter() - t0,
-    }
-    return compiled, info
-
-
 def memory_report(compiled, info, label: str) -> dict:
     m = compiled.memory_analysis()
     out = {
