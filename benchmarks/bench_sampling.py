@@ -68,14 +68,28 @@ def model_config(name: str, vocab: int | None) -> ModelConfig:
     return ModelConfig(model_type="qwen2", qkv_bias=True, rope_theta=1e6, **kw)
 
 
-def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
-    """Bytes/s of a large numpy copy, counting the read and the write (STREAM 'copy')."""
-    src = np.ones(nbytes // 4, np.float32)
-    dst = np.zeros_like(src)
+def copy_bandwidth(
+    nbytes: int = 512 << 20, repeats: int = 5, on_device: bool | None = None
+) -> float:
+    """Bytes/s of a large copy, counting the read and the write (STREAM 'copy'): a numpy copy on
+    a CPU backend, a jitted scale of a device array on an accelerator (whose memory the decode
+    reads; a host copy there would measure the wrong memory)."""
+    if on_device is None:
+        on_device = jax.default_backend() != "cpu"
+    if on_device:
+        src = jnp.ones(nbytes // 4, jnp.float32)
+        scale = jax.jit(lambda x: x * 2.0)
+        scale(src).block_until_ready()
+    else:
+        src = np.ones(nbytes // 4, np.float32)
+        dst = np.zeros_like(src)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        np.copyto(dst, src)
+        if on_device:
+            scale(src).block_until_ready()
+        else:
+            np.copyto(dst, src)
         best = min(best, time.perf_counter() - t)
     return 2 * nbytes / best
 
