@@ -102,7 +102,10 @@ def group_advantages(
 def zero_variance_fraction(
     rewards: jax.Array, group_ids: jax.Array, valid: jax.Array, num_groups: int
 ) -> jax.Array:
-    """Share of valid rows whose group has all-equal rewards (they carry no GRPO signal)."""
+    """Share of valid rows whose group has all-equal rewards (they carry no GRPO signal).
+
+    rewards [rows] float, group_ids [rows] int in [0, num_groups), valid [rows] bool ->
+    float32 scalar in [0, 1]; 0 when no row is valid."""
     stats = group_statistics(rewards, group_ids, valid, num_groups)
     gid = jnp.clip(group_ids, 0, num_groups - 1)
     in_zero_var = valid & (stats.std[gid] == 0.0)

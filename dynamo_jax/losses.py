@@ -237,7 +237,19 @@ def logprobs_and_entropy_from_logits(
 
 
 def kl_penalty(logp: jax.Array, ref_logp: jax.Array, estimator: str = "k3") -> jax.Array:
-    """Per-token KL(pi || pi_ref) estimate from sampled-token log-probs (Schulman's k1/k2/k3)."""
+    """Per-token KL(pi || pi_ref) estimate from sampled-token log-probs (SPEC 4, `kl_coef`).
+
+    With d = logp - ref_logp (the token was sampled from pi):
+      k1 = d;  k2 = d^2 / 2;  k3 = exp(-d) + d - 1 (>= 0, unbiased; -d clipped to [-20, 20]).
+
+    Args:
+      logp, ref_logp: [rows, T] log-probs of the sampled tokens under the policy and the frozen
+        reference, any float dtype (computed in float32).
+      estimator: "k1", "k2" or "k3" (Schulman's estimators); anything else is a ValueError.
+
+    Returns:
+      [rows, T] float32, unmasked (the caller masks and aggregates).
+    """
     log_ratio = jnp.asarray(logp, jnp.float32) - jnp.asarray(ref_logp, jnp.float32)
     if estimator == "k1":
         return log_ratio
@@ -394,5 +406,6 @@ def policy_loss(
 
 
 def loss_value(loss_sum: jax.Array, count: jax.Array) -> jax.Array:
-    """The mean a (sum, count) pair stands for; 0 for an empty batch (never NaN)."""
+    """The mean a (sum, count) pair stands for: loss_sum / count, scalars (float32); 0 for an
+    empty batch (count 0), never NaN. Sum the pairs of micro-batches first, then call this."""
     return loss_sum / jnp.maximum(count, 1.0)

@@ -50,7 +50,8 @@ def _broadcast_advantages(advantages: jax.Array, like: jax.Array) -> jax.Array:
 
 
 def importance_ratio(logp: jax.Array, old_logp: jax.Array) -> jax.Array:
-    """r = exp(clip(logp - old_logp, -20, 20)), float32."""
+    """r = exp(clip(logp - old_logp, -20, 20)) (SPEC 2): [rows, T] inputs of any float dtype ->
+    [rows, T] float32."""
     return jnp.exp(
         jnp.clip(
             jnp.asarray(logp, jnp.float32) - jnp.asarray(old_logp, jnp.float32),
@@ -91,9 +92,11 @@ def beta_comp(
     m = _f32(mask)
     h_max = _masked_max(h, m) if h_max is None else _f32(h_max)
     h_min = _masked_min(h, m) if h_min is None else _f32(h_min)
-    # An all-masked scope leaves h_max = -inf: no valid token is modulated anyway.
-    span = jnp.where(jnp.isfinite(h_max - h_min), h_max - h_min, 0.0)
-    rel = jnp.where(m > 0, (h_max - h) / (span + 1e-8), 0.0)
+    # An empty scope leaves h_max = -inf, h_min = +inf: no boost (a given scope that holds none
+    # of these tokens must not turn them into -inf).
+    finite = jnp.isfinite(h_max) & jnp.isfinite(h_min)
+    span = jnp.where(finite, h_max - h_min, 0.0)
+    rel = jnp.where((m > 0) & finite, (h_max - h) / (span + 1e-8), 0.0)
     return jnp.where((a > 0) & (m > 0), 1.0 + alpha * rel, 1.0)
 
 
@@ -195,7 +198,18 @@ def scope_statistics(
     expectation: str = "sequence",
     expected_pi_lambda: jax.Array | None = None,
 ) -> ScopeStats:
-    """H_max, H_min and max Xi over the given tokens: the normalisation scope of SPEC 2.4."""
+    """H_max, H_min and max Xi over the given tokens: the normalisation scope of SPEC 2.4.
+
+    Arguments as in `modulate_advantages` (advantages [rows] or [rows, T]; logp, old_logp,
+    entropy, mask [rows, T]). For `mini_batch` scope, compute this per micro-batch, merge with
+    `combine_scope_statistics` and pass the result to `modulate_advantages(scope=...)`.
+    An empty token set gives the identities of the merge (H_max = -inf, H_min = +inf,
+    max Xi = 0), so merging it changes nothing; `modulate_advantages` never turns them into
+    NaN (an all-padding batch gets advantages 0).
+
+    Returns:
+      ScopeStats of float32 scalars.
+    """
     m = _f32(mask)
     h = _f32(entropy)
     xi = jnp.abs(
@@ -217,7 +231,9 @@ def scope_statistics(
 
 
 def combine_scope_statistics(a: ScopeStats, b: ScopeStats) -> ScopeStats:
-    """Merge the statistics of two disjoint token sets (e.g. micro-batches of one update)."""
+    """Merge the statistics of two disjoint token sets (e.g. micro-batches of one update):
+    elementwise max / min / max of the float32 scalars, so merging is associative and the
+    result does not depend on how the tokens were split."""
     return ScopeStats(
         h_max=jnp.maximum(a.h_max, b.h_max),
         h_min=jnp.minimum(a.h_min, b.h_min),

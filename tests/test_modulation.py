@@ -163,6 +163,32 @@ def test_all_masked_scope_gives_zeros_not_nan():
     assert all(np.isfinite(float(v)) for v in aux.values())
 
 
+def test_a_scope_of_no_tokens_leaves_valid_tokens_finite():
+    """Statistics of an empty token set are the merge identities (H_max -inf, H_min +inf,
+    max Xi 0); given as the scope of tokens it does not hold (a caller's mistake), they must
+    not turn those tokens' advantages into -inf: no boost, finite damping."""
+    shape = (2, 3)
+    empty = mod.scope_statistics(
+        jnp.ones(2), -jnp.ones(shape), -jnp.ones(shape), jnp.ones(shape), jnp.zeros(shape)
+    )
+    assert float(empty.h_max) == -np.inf and float(empty.h_min) == np.inf
+    assert float(empty.xi_max) == 0.0
+    h = jnp.full(shape, 0.5)
+    bc = mod.beta_comp(jnp.ones(2), h, jnp.ones(shape), 0.2, empty.h_max, empty.h_min)
+    np.testing.assert_array_equal(np.asarray(bc), 1.0)
+    final, aux = mod.modulate_advantages(
+        jnp.array([1.0, -1.0]),
+        h,
+        -jnp.ones(shape),
+        -jnp.ones(shape),
+        jnp.ones(shape),
+        scope=empty,
+    )
+    assert np.all(np.isfinite(np.asarray(final)))
+    assert np.all(np.abs(np.asarray(final)) <= 1.0)
+    assert all(np.isfinite(float(v)) for v in aux.values())
+
+
 def test_vocab_expectation_is_first_order_entropy_change():
     """Step the logits along the sampled token's policy-gradient direction and measure the
     entropy change with finite differences: it must equal step * dH(vocab)."""
