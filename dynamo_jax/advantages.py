@@ -12,8 +12,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from dynamo_jax import baselines
+from dynamo_jax import baselines, checks
 
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "w_reinforce")
 
@@ -34,9 +35,12 @@ def group_statistics(
     Args:
       rewards: [rows] float; padding rows may hold anything.
       group_ids: [rows] int in [0, num_groups) (padding rows may hold any id: they are ignored).
+        Under jit a valid row with an id outside the range counts as padding; called on
+        concrete arrays, `group_advantages` raises a ValueError naming the row instead.
       valid: [rows] bool; False marks padding rows.
       num_groups: static number of groups.
     """
+    valid = valid & (group_ids >= 0) & (group_ids < num_groups)
     w = valid.astype(jnp.float32)
     r = jnp.where(valid, rewards.astype(jnp.float32), 0.0)
     ids = jnp.where(valid, group_ids, num_groups)  # out of range: dropped by segment_sum
@@ -50,7 +54,6 @@ def group_statistics(
     return GroupStats(count=count, mean=mean, std=std)
 
 
-@functools.partial(jax.jit, static_argnames=("num_groups", "estimator"))
 def group_advantages(
     rewards: jax.Array,
     group_ids: jax.Array,
@@ -71,16 +74,50 @@ def group_advantages(
 
     Args:
       rewards: [rows] float rewards.
-      group_ids: [rows] int32 group index in [0, num_groups).
+      group_ids: [rows] int32 group index in [0, num_groups). Called on concrete arrays, a valid
+        row with an id outside the range is a ValueError naming the row; inside jit (ids are
+        traced) such a row counts as padding (A = 0).
       valid: [rows] bool, False for padding rows.
       num_groups: static; the number of prompts of the step (a bucket size, not data dependent).
-      estimator: one of "grpo", "dr_grpo", "rloo".
+      estimator: one of "grpo", "dr_grpo", "rloo", "w_reinforce".
       eps: added to the std in `grpo`.
       positive_weight: lambda of `w_reinforce`.
 
     Returns:
       [rows] float32 advantages; broadcast them over the row's response tokens.
     """
+    checks.same_shape(
+        "group_advantages", "rewards", dict(rewards=rewards, group_ids=group_ids, valid=valid)
+    )
+    if jnp.ndim(rewards) != 1:
+        raise ValueError(
+            f"group_advantages: rewards, group_ids and valid must be [rows]; got shape "
+            f"{tuple(jnp.shape(rewards))}"
+        )
+    if checks.concrete(group_ids, valid):
+        ids, ok = np.asarray(group_ids), np.asarray(valid, bool)
+        bad = np.flatnonzero(ok & ((ids < 0) | (ids >= num_groups)))
+        if bad.size:
+            raise ValueError(
+                f"group_advantages: group_ids[{bad[0]}] = {ids[bad[0]]} is outside "
+                f"[0, num_groups = {num_groups}) on a valid row ({bad.size} such rows); give "
+                f"each prompt an id below num_groups, or mark padding rows valid = False"
+            )
+    return _group_advantages(rewards, group_ids, valid, num_groups, estimator, eps, positive_weight)
+
+
+@functools.partial(jax.jit, static_argnames=("num_groups", "estimator"))
+def _group_advantages(
+    rewards: jax.Array,
+    group_ids: jax.Array,
+    valid: jax.Array,
+    num_groups: int,
+    estimator: str = "grpo",
+    eps: float = 1e-6,
+    positive_weight: float = 0.1,
+) -> jax.Array:
+    """`group_advantages` after its argument checks (jitted)."""
+    valid = valid & (group_ids >= 0) & (group_ids < num_groups)  # out of range: padding
     if estimator not in ESTIMATORS:
         raise ValueError(f"advantage estimator {estimator!r}; choose one of {ESTIMATORS}.")
     if estimator == "w_reinforce":

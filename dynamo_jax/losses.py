@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dynamo_jax import checks
 from dynamo_jax.modulation import importance_ratio
 
 LOSS_AGGREGATIONS = (
@@ -208,6 +209,19 @@ def token_logprobs_and_entropy(
       logp and entropy are differentiable w.r.t. hidden and lm_head.
     """
 
+    fn = "token_logprobs_and_entropy"
+    if jnp.ndim(hidden) != 3 or jnp.ndim(lm_head) != 2 or jnp.shape(targets) != hidden.shape[:2]:
+        raise ValueError(
+            f"{fn}: expected hidden [rows, T, D], targets [rows, T], lm_head [D, V]; got hidden "
+            f"{tuple(jnp.shape(hidden))}, targets {tuple(jnp.shape(targets))}, lm_head "
+            f"{tuple(jnp.shape(lm_head))}"
+        )
+    if lm_head.shape[0] != hidden.shape[-1]:
+        raise ValueError(
+            f"{fn}: lm_head has {lm_head.shape[0]} rows but hidden states have D = "
+            f"{hidden.shape[-1]} (pass the [D, V] matrix: the embedding transposed when tied)"
+        )
+
     def chunk_fn(h, t, single_chunk):
         temp = jnp.asarray(temperature, jnp.float32)
         outs = _head_stats(h, lm_head, t, temp, with_vocab_expectation, single_chunk)
@@ -228,6 +242,13 @@ def logprobs_and_entropy_from_logits(
     The float32 upcast and softmax are still done chunk by chunk, so bf16 logits are never copied
     whole into float32.
     """
+
+    if jnp.ndim(logits) != 3 or jnp.shape(targets) != logits.shape[:2]:
+        raise ValueError(
+            f"logprobs_and_entropy_from_logits: expected logits [rows, T, V] and targets "
+            f"[rows, T]; got logits {tuple(jnp.shape(logits))}, targets "
+            f"{tuple(jnp.shape(targets))}"
+        )
 
     def chunk_fn(x, t, single_chunk):
         outs = _logits_stats(x, t, jnp.asarray(temperature, jnp.float32), with_vocab_expectation)
@@ -346,6 +367,20 @@ def policy_loss(
     """
     if loss_agg not in LOSS_AGGREGATIONS:
         raise ValueError(f"loss.loss_agg {loss_agg!r}; choose one of {LOSS_AGGREGATIONS}.")
+    shape = checks.same_shape(
+        "policy_loss",
+        "logp",
+        dict(
+            logp=logp,
+            old_logp=old_logp,
+            mask=mask,
+            ref_logp=ref_logp,
+            entropy=entropy,
+            grad_mask=grad_mask,
+            abs_kl_mask=abs_kl_mask,
+        ),
+    )
+    checks.row_or_token_shape("policy_loss", "advantages", advantages, shape)
     m = jnp.asarray(mask, jnp.float32)
     token_loss, ratio = clipped_token_loss(
         logp, old_logp, advantages, eps_low, eps_high, dual_clip, clip

@@ -25,6 +25,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dynamo_jax import checks
+
 EXPECTATIONS = ("sequence", "vocab")
 _LOG_RATIO_CLIP = 20.0  # SPEC 2: r = exp(clip(logp - old_logp, -20, 20))
 
@@ -280,6 +282,18 @@ def modulate_advantages(
         `damped_frac` (share of valid tokens with beta_stab < 0.99), `xi_mean`, `xi_max`,
         `h_max`, `h_min`. Empty sets give 0, never NaN.
     """
+    shape = checks.same_shape(
+        "modulate_advantages",
+        "mask",
+        dict(
+            mask=mask,
+            entropy=entropy,
+            logp=logp,
+            old_logp=old_logp,
+            expected_pi_lambda=expected_pi_lambda,
+        ),
+    )
+    checks.row_or_token_shape("modulate_advantages", "advantages", advantages, shape)
     m = _f32(mask)
     a = _broadcast_advantages(advantages, m)
     h = _f32(entropy)

@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -73,10 +74,38 @@ def test_zero_variance_singletons_and_empty_never_nan():
 
 def test_new_allocation_does_not_recompile():
     rng = np.random.default_rng(2)
+    from dynamo_jax.compilation import CompileCounter
+
     group_advantages(np.zeros(64, np.float32), np.zeros(64, np.int32), np.ones(64, bool), 8)
-    before = group_advantages._cache_size()
-    for _ in range(5):
-        sizes = rng.multinomial(64 - 8, np.ones(8) / 8) + 1
-        gids = np.repeat(np.arange(8), sizes).astype(np.int32)
-        group_advantages(rng.normal(size=64).astype(np.float32), gids, np.ones(64, bool), 8)
-    assert group_advantages._cache_size() == before
+    with CompileCounter() as counter:
+        for _ in range(5):
+            sizes = rng.multinomial(64 - 8, np.ones(8) / 8) + 1
+            gids = np.repeat(np.arange(8), sizes).astype(np.int32)
+            group_advantages(rng.normal(size=64).astype(np.float32), gids, np.ones(64, bool), 8)
+    assert counter.count == 0
+    with CompileCounter() as counter:
+        group_advantages(np.zeros(48, np.float32), np.zeros(48, np.int32), np.ones(48, bool), 8)
+    assert counter.count >= 1  # the counter sees compilations at all
+
+
+def test_group_ids_outside_the_range_are_named_or_count_as_padding():
+    """Concrete ids: a valid row with an id outside [0, num_groups) is a ValueError naming the
+    row (padding rows may hold any id). Traced ids (inside jit): such a row counts as padding
+    and the other rows keep their advantages."""
+    rewards = jnp.array([1.0, -1.0, 1.0, -1.0, 1.0])
+    valid = jnp.array([True, True, True, True, False])
+    with pytest.raises(ValueError, match=r"group_ids\[2\] = 2 is outside \[0, num_groups = 2\)"):
+        group_advantages(rewards, jnp.array([0, 0, 2, 1, 0]), valid, num_groups=2)
+    with pytest.raises(ValueError, match=r"group_ids\[3\] = -1"):
+        group_advantages(rewards, jnp.array([0, 0, 1, -1, 0]), valid, num_groups=2)
+    ok = group_advantages(rewards, jnp.array([0, 0, 1, 1, 7]), valid, num_groups=2)  # pad row: 7
+    np.testing.assert_allclose(ok, [0.7071, -0.7071, 0.7071, -0.7071, 0.0], atol=1e-4)
+    traced = jax.jit(lambda g: group_advantages(rewards, g, valid, num_groups=2))
+    for bad in ([0, 0, 1, -1, 0], [0, 0, 1, 2, 0]):
+        got = np.asarray(traced(jnp.array(bad)))
+        np.testing.assert_allclose(got, [0.7071, -0.7071, 0.0, 0.0, 0.0], atol=1e-4)
+
+
+def test_shapes_are_checked_with_the_argument_named():
+    with pytest.raises(ValueError, match=r"group_advantages: valid has shape \(3,\)"):
+        group_advantages(jnp.zeros(4), jnp.zeros(4, jnp.int32), jnp.ones(3, bool), 2)

@@ -329,3 +329,28 @@ def test_traced_temperature_and_its_gradient(chunk):
         for a, b in zip(got, want, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
         assert abs(float(got[2])) > 1e-3  # the temperature gradient is not a dropped zero
+
+
+def test_shape_errors_name_the_argument():
+    """Mismatched shapes are a ValueError naming the function, the argument and the shapes, not a
+    broadcasting error from inside XLA (checked while tracing: free under jit)."""
+    z, one = jnp.zeros((2, 3)), jnp.ones((2, 3))
+    with pytest.raises(ValueError, match=r"policy_loss: old_logp has shape \(2, 4\) but logp"):
+        losses.policy_loss(z, jnp.zeros((2, 4)), jnp.ones(2), one)
+    with pytest.raises(ValueError, match=r"policy_loss: advantages has shape \(3,\); expected"):
+        losses.policy_loss(z, z, jnp.ones(3), one)
+    with pytest.raises(ValueError, match=r"policy_loss: ref_logp has shape \(3, 2\)"):
+        losses.policy_loss(z, z, jnp.ones(2), one, ref_logp=jnp.zeros((3, 2)), kl_coef=0.1)
+    with pytest.raises(ValueError, match=r"policy_loss: mask has shape"):
+        jax.jit(lambda m: losses.policy_loss(z, z, jnp.ones(2), m))(jnp.ones((2, 2)))
+    h, w = jnp.zeros((2, 3, 4)), jnp.zeros((4, 5))
+    with pytest.raises(ValueError, match=r"lm_head has 5 rows but hidden states have D = 4"):
+        losses.token_logprobs_and_entropy(h, w.T, jnp.zeros((2, 3), jnp.int32))
+    with pytest.raises(ValueError, match=r"targets \[rows, T\].*targets \(2, 4\)"):
+        losses.token_logprobs_and_entropy(h, w, jnp.zeros((2, 4), jnp.int32))
+    with pytest.raises(ValueError, match=r"from_logits: expected logits \[rows, T, V\]"):
+        losses.logprobs_and_entropy_from_logits(jnp.zeros((2, 3)), jnp.zeros((2, 3), jnp.int32))
+    # the right shapes still pass, row or token advantages alike
+    for adv in (jnp.ones(2), jnp.ones((2, 3))):
+        s, n, _ = losses.policy_loss(z, z, adv, one)
+        assert float(n) == 6.0

@@ -269,3 +269,15 @@ def test_no_gradient_flows_through_modulation():
 
     g_lp, g_h = jax.grad(f, argnums=(0, 1))(x[2], x[1])
     assert np.all(np.asarray(g_lp) == 0) and np.all(np.asarray(g_h) == 0)
+
+
+def test_shape_errors_name_the_argument():
+    z, one = jnp.zeros((2, 3)), jnp.ones((2, 3))
+    with pytest.raises(ValueError, match=r"modulate_advantages: entropy has shape \(2, 4\)"):
+        mod.modulate_advantages(jnp.ones(2), jnp.zeros((2, 4)), z, z, one)
+    with pytest.raises(ValueError, match=r"modulate_advantages: advantages has shape \(2, 2\)"):
+        mod.modulate_advantages(jnp.ones((2, 2)), z, z, z, one)
+    with pytest.raises(ValueError, match=r"expected_pi_lambda has shape \(3,\)"):
+        mod.modulate_advantages(
+            jnp.ones(2), z, z, z, one, expectation="vocab", expected_pi_lambda=jnp.zeros(3)
+        )

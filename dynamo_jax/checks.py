@@ -1,0 +1,36 @@
+"""Argument checks for the public array functions: static shapes (free under jit, checked while
+tracing) and, for concrete inputs only, values. Each error names the function, the argument and
+what was expected, instead of a broadcasting error from deep inside XLA."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def same_shape(fn: str, reference: str, arrays: dict[str, Any]) -> tuple[int, ...]:
+    """All non-None arrays must have the shape of ``arrays[reference]``; returns that shape."""
+    shape = tuple(np.shape(arrays[reference]))
+    for name, x in arrays.items():
+        if x is not None and tuple(np.shape(x)) != shape:
+            raise ValueError(
+                f"{fn}: {name} has shape {tuple(np.shape(x))} but {reference} has {shape}; "
+                f"they must match"
+            )
+    return shape
+
+
+def row_or_token_shape(fn: str, name: str, x: Any, token_shape: tuple[int, ...]) -> None:
+    """``x`` must be per row ([rows]) or per token ([rows, T]) for tokens shaped token_shape."""
+    if tuple(np.shape(x)) not in (token_shape[:-1], token_shape):
+        raise ValueError(
+            f"{fn}: {name} has shape {tuple(np.shape(x))}; expected one per row "
+            f"{token_shape[:-1]} or one per token {token_shape}"
+        )
+
+
+def concrete(*xs: Any) -> bool:
+    """True when every x holds values (not a tracer inside jit / grad / vmap)."""
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
