@@ -221,6 +221,7 @@ def token_logprobs_and_entropy(
             f"{fn}: lm_head has {lm_head.shape[0]} rows but hidden states have D = "
             f"{hidden.shape[-1]} (pass the [D, V] matrix: the embedding transposed when tied)"
         )
+    _check_head_args(fn, targets, lm_head.shape[1], temperature, chunk_size)
 
     def chunk_fn(h, t, single_chunk):
         temp = jnp.asarray(temperature, jnp.float32)
@@ -228,6 +229,27 @@ def token_logprobs_and_entropy(
         return outs if with_vocab_expectation else outs[:2]
 
     return _chunked(chunk_fn, hidden, targets, chunk_size, with_vocab_expectation)
+
+
+def _check_head_args(fn, targets, vocab, temperature, chunk_size) -> None:
+    """Values the log-prob functions cannot work with: checked where they are known (Python
+    numbers, concrete targets); inside jit traced values pass unchecked."""
+    if chunk_size < 1:
+        raise ValueError(f"{fn}: chunk_size = {chunk_size} must be >= 1 (loss.logits_chunk_size)")
+    if isinstance(temperature, int | float) and not temperature > 0:
+        raise ValueError(
+            f"{fn}: temperature = {temperature} must be > 0 (the log-probs and entropy are "
+            "taken at the sampling temperature: logits / temperature)"
+        )
+    if checks.concrete(targets):
+        t = np.asarray(targets)
+        bad = np.argwhere((t < 0) | (t >= vocab))
+        if bad.size:
+            row, pos = (int(i) for i in bad[0])
+            raise ValueError(
+                f"{fn}: targets[{row}, {pos}] = {int(t[row, pos])} is outside the vocabulary "
+                f"[0, {vocab}) ({len(bad)} such tokens); pad with a valid id (e.g. 0) and mask"
+            )
 
 
 def logprobs_and_entropy_from_logits(
@@ -249,6 +271,9 @@ def logprobs_and_entropy_from_logits(
             f"[rows, T]; got logits {tuple(jnp.shape(logits))}, targets "
             f"{tuple(jnp.shape(targets))}"
         )
+    _check_head_args(
+        "logprobs_and_entropy_from_logits", targets, logits.shape[-1], temperature, chunk_size
+    )
 
     def chunk_fn(x, t, single_chunk):
         outs = _logits_stats(x, t, jnp.asarray(temperature, jnp.float32), with_vocab_expectation)

@@ -354,3 +354,19 @@ def test_shape_errors_name_the_argument():
     for adv in (jnp.ones(2), jnp.ones((2, 3))):
         s, n, _ = losses.policy_loss(z, z, adv, one)
         assert float(n) == 6.0
+
+
+def test_values_the_log_probs_cannot_use_are_named():
+    """chunk_size < 1, a temperature <= 0 and (concrete) targets outside the vocabulary were a
+    silent clamp or NaN; now each is a ValueError naming it. Traced values still pass (jit)."""
+    h, w, t = jnp.ones((2, 3, 4)), jnp.ones((4, 5)), jnp.zeros((2, 3), jnp.int32)
+    with pytest.raises(ValueError, match="chunk_size = 0 must be >= 1"):
+        losses.token_logprobs_and_entropy(h, w, t, chunk_size=0)
+    with pytest.raises(ValueError, match="temperature = 0.0 must be > 0"):
+        losses.token_logprobs_and_entropy(h, w, t, temperature=0.0)
+    with pytest.raises(ValueError, match=r"targets\[1, 2\] = 7 is outside the vocabulary \[0, 5\)"):
+        losses.token_logprobs_and_entropy(h, w, t.at[1, 2].set(7))
+    with pytest.raises(ValueError, match=r"targets\[0, 1\] = -1 is outside"):
+        losses.logprobs_and_entropy_from_logits(jnp.ones((2, 3, 5)), t.at[0, 1].set(-1))
+    traced = jax.jit(lambda temp: losses.token_logprobs_and_entropy(h, w, t, temp).logp)
+    np.testing.assert_allclose(traced(2.0), np.log(1 / 5), rtol=1e-6)
