@@ -591,6 +591,9 @@ class Sampler:
         else:
             graphdef = model
         self.graphdef = graphdef
+        # Known when built from a module: prompt tokens are checked against it (the embedding
+        # lookup would clamp an out-of-range id silently).
+        self.vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
         self.spec = spec
         self.mesh = mesh
         self.rules = shd.DEFAULT_RULES if rules is None else rules
@@ -724,6 +727,16 @@ class Sampler:
         tokens, slot_lengths = bk.pad_prompts(
             prompts, plan.prompt_len, self.config.pad_id, plan.num_prompt_slots
         )
+        if self.vocab_size is not None:
+            real = np.arange(tokens.shape[1])[None, :] < slot_lengths[:, None]
+            bad = np.argwhere(real & ((tokens < 0) | (tokens >= self.vocab_size)))
+            if bad.size:
+                i, pos = (int(x) for x in bad[0])
+                raise ValueError(
+                    f"prompt {i} (id {prompt_ids[i]}) has token {int(tokens[i, pos])} at "
+                    f"position {pos}, outside the model's vocabulary [0, {self.vocab_size}) "
+                    f"({len(bad)} such tokens): is the tokenizer the model's?"
+                )
 
         start = time.perf_counter()
         slot_cache, slot_logits = self._prefill(state, self._put(tokens), self._put(slot_lengths))

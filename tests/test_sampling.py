@@ -272,6 +272,11 @@ def test_errors(model, sampler):
         sampler.generate(model, _prompts(rng, [3]), [1], [1], jax.random.key(0), temperature=0)
     with pytest.raises(ValueError, match="empty"):
         sampler.generate(model, [[]], [1], [1], jax.random.key(0))
+    # an id outside the vocabulary would be clamped by the embedding lookup: named instead
+    bad = _prompts(rng, [3, 4])
+    bad[1][2] = CFG.vocab_size
+    with pytest.raises(ValueError, match=r"prompt 1 \(id 8\) has token 128 at position 2, outside"):
+        sampler.generate(model, bad, [7, 8], [1, 1], jax.random.key(0))
 
 
 @pytest.mark.parametrize("vocab", [128, 131])  # 131 is prime: the vocabulary gets padded
