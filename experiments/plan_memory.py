@@ -2,7 +2,7 @@
 
     python -m experiments.plan_memory --config configs/qwen2_5_math_7b_dynamo.py \\
         --devices 64 --hbm_gib 16
-    python -m experiments.plan_memory --config configs/arith_tiny.py --vocab_size 32
+    python -m experiments.plan_memory --config configs/arith_tiny.py --vocab_size 18
 
 Builds the model abstractly (no weights), compiles one optimiser update of one micro-batch
 (train.micro_batch_rows rows at the longest prompt bucket + sampling.max_new_tokens) for the
@@ -39,7 +39,7 @@ _VOCAB = flags.DEFINE_integer(
     "vocab_size",
     0,
     "model.architecture.vocab_size for configs that take it from the tokenizer a run builds "
-    "(the embedded arithmetic task's is 32).",
+    "(the embedded arithmetic task's is 18).",
     lower_bound=0,
 )
 flags.mark_flags_as_required(["config"])
