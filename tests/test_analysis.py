@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import scipy.stats
+from tiny_runs import TINY_ARITH
 
 from dynamo_jax import analysis as A
 from dynamo_jax import config as config_lib
@@ -261,18 +262,12 @@ def test_smooth():
 # ------------------------------------------------------------------ embedded-task experiments
 
 TINY = {
-    "prompts_per_step": 8,
-    "rollouts_per_prompt": 4,
-    "allocation.n_low": 2,
-    "allocation.n_high": 8,
-    "model.architecture.hidden_size": 32,
-    "model.architecture.intermediate_size": 64,
+    **TINY_ARITH,
     "model.architecture.num_hidden_layers": 1,
     "data.num_train": 64,
     "data.num_heldout": 16,
     "eval.num_prompts": 16,
     "sft.steps": 10,
-    "sft.target_accuracy": 0.0,
     "sft.num_examples": 200,
     "sft.eval_every": 1000,
     "train.micro_batch_rows": 16,

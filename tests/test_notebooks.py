@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+from tiny_runs import TINY_ARITH
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -17,12 +18,7 @@ pytest.importorskip("ipykernel")
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY_RUN = {
-    "prompts_per_step": 8,
-    "rollouts_per_prompt": 4,
-    "allocation.n_low": 2,
-    "allocation.n_high": 8,
-    "model.architecture.hidden_size": 32,
-    "model.architecture.intermediate_size": 64,
+    **TINY_ARITH,
     "model.architecture.num_hidden_layers": 1,
     "data.num_train": 16,  # two steps per epoch: the allocation leaves uniform at step 3
     "data.num_heldout": 8,
@@ -30,7 +26,6 @@ TINY_RUN = {
     "eval.samples_per_prompt": 2,
     "eval.every": 2,
     "sft.steps": 5,
-    "sft.target_accuracy": 0.0,
     "sft.num_examples": 64,
     "sft.eval_every": 1000,
     "train.num_minibatches": 1,

@@ -10,21 +10,16 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_runs import TINY_ARITH, as_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "--config.prompts_per_step=8",
-    "--config.rollouts_per_prompt=4",
-    "--config.allocation.n_low=2",
-    "--config.allocation.n_high=8",
-    "--config.model.architecture.hidden_size=32",
-    "--config.model.architecture.intermediate_size=64",
+    *as_flags(TINY_ARITH),
     "--config.model.architecture.num_hidden_layers=2",
     "--config.data.num_train=64",
     "--config.data.num_heldout=16",
     "--config.eval.num_prompts=16",
     "--config.sft.steps=10",
-    "--config.sft.target_accuracy=0.0",
     "--config.sft.num_examples=200",
     "--config.train.num_steps=6",
     "--config.train.num_minibatches=2",
