@@ -67,10 +67,12 @@ def compile_update(
     response_len: int,
     devices: Sequence[jax.Device] | None = None,
     micro_batch_rows: int | None = None,
+    num_minibatches: int | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Lowers + compiles `TrainStep`'s update for the config's model and mesh without
-    allocating parameters: `rows` rows of `prompt_len + response_len` tokens, in micro-batches of
-    `micro_batch_rows` rows (default: one row per device), one micro-batch per optimiser update.
+    allocating parameters: one step's `rows` rows of `prompt_len + response_len` tokens, split
+    into `num_minibatches` optimiser updates (default: one per micro-batch) of micro-batches of
+    `micro_batch_rows` rows (default: one row per device).
 
     Returns (compiled, info) with info: mesh shape, parameter count, seconds to compile."""
     devices = list(jax.devices() if devices is None else devices)
@@ -110,11 +112,15 @@ def compile_update(
         ref_params=jax.tree.map(lambda x: x, params) if config.loss.kl_coef > 0 else None,
     )
     micro = len(devices) if micro_batch_rows is None else micro_batch_rows
-    if rows % micro:
-        raise ValueError(f"rows = {rows} is not a multiple of micro_batch_rows = {micro}")
+    minibatches = rows // micro if num_minibatches is None else num_minibatches
+    if rows % (micro * minibatches):
+        raise ValueError(
+            f"rows = {rows} do not split into {minibatches} minibatches of micro-batches of "
+            f"{micro} rows"
+        )
     step_config = config.copy_and_resolve_references()
     step_config.train.micro_batch_rows = micro
-    step_config.train.num_minibatches = rows // micro
+    step_config.train.num_minibatches = minibatches
     settings = ts.StepSettings.from_config(step_config, num_groups=max(rows // 16, 1))
     step = ts.TrainStep(
         graphdef, rest, tx, settings, ts.state_shardings(state), shd.batch_sharding(mesh)
@@ -161,6 +167,7 @@ class MemoryPlan:
 
     mesh: dict[str, int]
     num_params: int
+    step_rows: int
     micro_batch_rows: int
     positions: int
     update_arguments_gib: float
@@ -189,12 +196,13 @@ class MemoryPlan:
         rows = [
             ("parameters + AdamW moments (+ reference model)", self.state_gib),
             (
-                f"update: arguments (state + one micro-batch of {self.micro_batch_rows} rows x "
+                f"update: arguments (state + the step's {self.step_rows} rows x "
                 f"{self.positions} positions)",
                 self.update_arguments_gib,
             ),
             (
-                "update: XLA temporaries (activations, logit chunks, gradients)",
+                f"update: XLA temporaries ({self.micro_batch_rows}-row micro-batches: "
+                "activations, logit chunks, gradients)",
                 self.update_temporaries_gib,
             ),
             ("update: peak", self.update_peak_gib),
@@ -252,15 +260,23 @@ def _bytes(dtype: str) -> int:
 
 
 def plan_memory(config: Any, devices: Sequence[jax.Device] | None = None) -> MemoryPlan:
-    """Compiles one optimiser update of one micro-batch (`train.micro_batch_rows` rows at the
-    longest prompt bucket + `sampling.max_new_tokens`) for the config's mesh over `devices`
-    (default: all) and adds the sampler's KV cache and weight copy. Nothing of model size is
-    allocated."""
+    """Compiles the update of one step as the trainer calls it (prompts_per_step x
+    rollouts_per_prompt rows at the longest prompt bucket + `sampling.max_new_tokens`,
+    `train.num_minibatches` optimiser updates of `train.micro_batch_rows`-row micro-batches)
+    for the config's mesh over `devices` (default: all) and adds the sampler's KV cache and
+    weight copy. Nothing of model size is allocated."""
     devices = list(jax.devices() if devices is None else devices)
     prompt_len, response_len = max(config.buckets.prompt_len), config.sampling.max_new_tokens
     micro = config.train.micro_batch_rows
+    step_rows = config.prompts_per_step * config.rollouts_per_prompt
     compiled, info = compile_update(
-        config, micro, prompt_len, response_len, devices, micro_batch_rows=micro
+        config,
+        step_rows,
+        prompt_len,
+        response_len,
+        devices,
+        micro_batch_rows=micro,
+        num_minibatches=config.train.num_minibatches,
     )
     m = compiled.memory_analysis()
     per_device = info["param_elements_per_device"]
@@ -284,6 +300,7 @@ def plan_memory(config: Any, devices: Sequence[jax.Device] | None = None) -> Mem
     return MemoryPlan(
         mesh=info["mesh"],
         num_params=info["num_params"],
+        step_rows=step_rows,
         micro_batch_rows=micro,
         positions=positions,
         update_arguments_gib=m.argument_size_in_bytes / GiB,

@@ -32,7 +32,8 @@ def test_plan_of_the_paper_1_5b_config_on_8_devices():
     compute), shortened so that the compile is quick: every number checked against the shapes."""
     c = load("qwen2_5_math_1_5b_dynamo")
     c.buckets.prompt_len, c.sampling.max_new_tokens = (64,), 64
-    c.train.micro_batch_rows, c.sampling.max_rows_per_call = 16, 32
+    c.prompts_per_step, c.rollouts_per_prompt = 4, 8  # a step of 32 rows
+    c.train.num_minibatches, c.train.micro_batch_rows, c.sampling.max_rows_per_call = 2, 8, 32
     plan = memory_plan.plan_memory(c)
     assert jax.device_count() == 8
     assert plan.mesh == {"data": 1, "fsdp": 8, "tensor": 1}
@@ -40,8 +41,13 @@ def test_plan_of_the_paper_1_5b_config_on_8_devices():
     assert plan.num_params == n
     # float32 params + two AdamW moments, split 8 ways (every large axis divides by 8)
     assert plan.state_gib == pytest.approx(12 * n / 8 / GiB, rel=1e-3)
-    batch = 16 * 128 * (4 + 4 + 1) + 16 * 64 * (4 + 4 + 4) + 16 * (4 + 4 + 1)
-    assert plan.update_arguments_gib * GiB == pytest.approx(plan.state_gib * GiB + batch, rel=1e-3)
+    # + the step's batch (32 rows, split over the 8 devices): ids, positions, attention mask;
+    # targets, response mask, old log-probs; rewards, group ids, valid; + a few scalars (the step
+    # counters, the key): to the byte
+    batch = (32 * 128 * (4 + 4 + 1) + 32 * 64 * (4 + 4 + 4) + 32 * (4 + 4 + 1)) / 8
+    extra = plan.update_arguments_gib * GiB - plan.state_gib * GiB - batch
+    assert 0 <= extra <= 64
+    assert plan.step_rows == 32 and plan.micro_batch_rows == 8
     assert 0 < plan.update_temporaries_gib < 16
     assert plan.update_peak_gib == plan.update_arguments_gib + plan.update_temporaries_gib
     # sampler: 32 rows over the 8 row shards, 2 kv heads x 128 dims, 28 layers, k and v, bf16
