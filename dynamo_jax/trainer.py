@@ -140,6 +140,17 @@ def _hf_architecture(config: Any, tokenizer: Any) -> dict[str, Any]:
     return arch
 
 
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config (ConfigDict or the dicts of its JSON) as {dotted.key: value}."""
+    flat: dict[str, Any] = {}
+    if hasattr(node, "items"):
+        for k, v in node.items():
+            flat.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    else:
+        flat[prefix] = list(node) if isinstance(node, tuple | list) else node
+    return flat
+
+
 # The config sections that decide what the cached warm start is.
 _WARM_START_FIELDS = ("model", "tokenizer", "data", "sft")
 
@@ -147,19 +158,24 @@ _WARM_START_FIELDS = ("model", "tokenizer", "data", "sft")
 def warm_start_fingerprint(config: Any) -> dict[str, Any]:
     """The config fields a cached warm start was made with (JSON-able, flat dotted keys)."""
     flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if hasattr(node, "items"):
-            for k, v in node.items():
-                walk(v, f"{prefix}.{k}" if prefix else str(k))
-        else:
-            flat[prefix] = list(node) if isinstance(node, tuple | list) else node
-
     for section in _WARM_START_FIELDS:
-        walk(config[section], section)
+        flat.update(_flatten(config[section], section))
     for unused in ("model.path", "model.remat"):  # change nothing the warm start learned
         flat.pop(unused, None)
     return json.loads(json.dumps(flat))
+
+
+def config_changes(saved_json: str, config: Any) -> list[str]:
+    """`key: before -> now` for every field that differs between the config a checkpoint was
+    saved with (its JSON) and `config` (sorted; fields only one side has are listed too)."""
+    before = _flatten(json.loads(saved_json))
+    now = _flatten(json.loads(config.to_json()))
+    missing = object()
+    return [
+        f"{key}: {before.get(key, '(absent)')} -> {now.get(key, '(absent)')}"
+        for key in sorted(set(before) | set(now))
+        if before.get(key, missing) != now.get(key, missing)
+    ]
 
 
 def check_warm_start(sft_dir: str, fingerprint: dict[str, Any]) -> None:
@@ -553,6 +569,13 @@ def train(
         policy.load_state_dict(host["allocation_policy"])
         iterator.restore(host["iterator"])
         log(f"resumed from {checkpointer.directory} at step {start_step}")
+        if "config" in host:
+            changed = config_changes(host["config"], config)
+            if changed:
+                log(
+                    "resuming with settings that differ from the checkpoint's (the run goes on "
+                    "with the new ones):\n  " + "\n  ".join(changed)
+                )
 
     key = jax.random.key(config.seed)
     eval_seed_key = key if config.eval.seed < 0 else jax.random.key(config.eval.seed)

@@ -210,3 +210,42 @@ def test_train_loop_explains_an_out_of_memory_step(monkeypatch, tmp_path):
     monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: _out_of_memory())
     with pytest.raises(MemoryError, match="^The held-out evaluation at step 0 ran out of device"):
         trainer.train(c, str(tmp_path), progress=False, log=lambda msg: None)
+
+
+def test_resume_lists_the_settings_that_changed(tmp_path):
+    """Resuming a work dir with other settings goes on with the new ones and lists exactly the
+    fields that changed, from the config saved in the checkpoint."""
+    import importlib.util
+
+    from dynamo_jax import trainer
+
+    spec = importlib.util.spec_from_file_location("arith_tiny", ROOT / "configs" / "arith_tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def config(**changes):
+        c = module.get_config()
+        for key, value in {**TINY_ARITH, **changes}.items():
+            *path, leaf = key.split(".")
+            node = c
+            for p in path:
+                node = node[p]
+            node[leaf] = value
+        c.model.architecture.num_hidden_layers = 1
+        c.sft.steps, c.eval.num_prompts, c.data.num_train, c.data.num_heldout = 0, 4, 64, 16
+        c.train.num_minibatches, c.train.micro_batch_rows, c.checkpoint_every = 1, 32, 1
+        return c
+
+    def run(c):
+        logged = []
+        trainer.train(c, str(tmp_path), progress=False, log=logged.append)
+        return "\n".join(logged)
+
+    run(config(**{"train.num_steps": 1}))
+    longer = run(config(**{"train.num_steps": 2}))
+    assert "resumed from" in longer and "  train.num_steps: 1 -> 2" in longer
+    assert "loss.eps_high" not in longer and longer.count(" -> ") == 1
+    changed = run(config(**{"train.num_steps": 3, "loss.eps_high": 0.2}))
+    assert "resuming with settings that differ from the checkpoint's" in changed
+    assert "  loss.eps_high: 0.28 -> 0.2" in changed and "  train.num_steps: 2 -> 3" in changed
+    assert trainer.config_changes(config().to_json(), config()) == []
