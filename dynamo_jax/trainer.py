@@ -470,6 +470,9 @@ def _heldout_metrics(config, sampler, params, task, key, out_dir, step) -> dict[
             top_p=config.sampling.top_p,
             top_k=config.sampling.top_k,
             greedy=config.eval.greedy,
+            # the same bound on one call's KV cache as the RL sampling (0 there = the whole step
+            # at once; evaluation then keeps its own default)
+            max_rows_per_call=config.sampling.max_rows_per_call or 1024,
             out_dir=out_dir if jax.process_index() == 0 else None,
             file_stem=f"eval_step_{step}",
             settings={"step": step},

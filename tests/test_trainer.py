@@ -249,3 +249,32 @@ def test_resume_lists_the_settings_that_changed(tmp_path):
     assert "resuming with settings that differ from the checkpoint's" in changed
     assert "  loss.eps_high: 0.28 -> 0.2" in changed and "  train.num_steps: 2 -> 3" in changed
     assert trainer.config_changes(config().to_json(), config()) == []
+
+
+def test_benchmark_evaluation_uses_the_sampling_row_bound(monkeypatch):
+    """Held-out benchmark evaluation sends at most sampling.max_rows_per_call rows per sampler
+    call, like RL sampling (it used a fixed 1024, so lowering the field after an out-of-memory
+    error did not bound evaluation's KV cache); 0 keeps evaluation's own default."""
+    import types
+
+    import jax
+
+    from dynamo_jax import evaluation, trainer
+    from dynamo_jax.config import get_default_config
+
+    seen = []
+
+    def fake(*args, **kwargs):
+        seen.append(kwargs["max_rows_per_call"])
+        return None, {}
+
+    monkeypatch.setattr(evaluation, "evaluate_benchmarks", fake)
+    monkeypatch.setattr(evaluation, "flat_metrics", lambda data: {})
+    task = types.SimpleNamespace(
+        benchmarks={"b": []}, tokenizer=None, verify=None, encode_prompt=None, heldout=[]
+    )
+    c = get_default_config()
+    for rows, expected in ((256, 256), (0, 1024)):
+        c.sampling.max_rows_per_call = rows
+        trainer.heldout_metrics(c, None, None, task, jax.random.key(0))
+        assert seen[-1] == expected
