@@ -32,5 +32,8 @@ def row_or_token_shape(fn: str, name: str, x: Any, token_shape: tuple[int, ...])
 
 
 def concrete(*xs: Any) -> bool:
-    """True when every x holds values (not a tracer inside jit / grad / vmap)."""
-    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+    """True when every x holds values this process can read: not a tracer inside jit / grad /
+    vmap, and not a multi-host array with shards on other processes."""
+    return not any(
+        isinstance(x, jax.core.Tracer) or not getattr(x, "is_fully_addressable", True) for x in xs
+    )
