@@ -311,3 +311,39 @@ def plan_memory(config: Any, devices: Sequence[jax.Device] | None = None) -> Mem
         sampling_weights_gib=weights / GiB,
         compile_seconds=info["seconds"],
     )
+
+
+def suggest_fit(
+    config: Any,
+    hbm_gib: float,
+    devices: Sequence[jax.Device] | None = None,
+    log: Any = None,
+) -> tuple[dict[str, Any], MemoryPlan] | None:
+    """The largest `train.micro_batch_rows` (first with the config's `model.remat`, then with
+    remat on) whose plan fits `hbm_gib` per device, trying the divisors of the rows per update
+    from the config's value down to the number of row shards; None if none fits (then the
+    sampler's cache, the dtypes or the mesh must change). Each try compiles the update once.
+
+    Returns ({"train.micro_batch_rows": m, "model.remat": bool}, its plan)."""
+    devices = list(jax.devices() if devices is None else devices)
+    mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+    row_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    per_update = config.prompts_per_step * config.rollouts_per_prompt
+    per_update //= config.train.num_minibatches
+    candidates = [
+        m
+        for m in range(config.train.micro_batch_rows, 0, -1)
+        if per_update % m == 0 and m % row_shards == 0
+    ]
+    for remat in dict.fromkeys([bool(config.model.remat), True]):
+        for micro in candidates:
+            trial = config.copy_and_resolve_references()
+            trial.train.micro_batch_rows, trial.model.remat = micro, remat
+            plan = plan_memory(trial, devices)
+            if log is not None:
+                log(f"  micro_batch_rows={micro}, remat={remat}: peak {plan.peak_gib:.2f} GiB")
+            if plan.peak_gib <= hbm_gib:
+                return {"train.micro_batch_rows": micro, "model.remat": remat}, plan
+            if plan.sampling_peak_gib > hbm_gib:
+                return None  # the update is not what does not fit
+    return None

@@ -9,7 +9,8 @@ Builds the model abstractly (no weights), compiles one optimiser update of one m
 config's mesh and prints what XLA says each device holds, with the sampler's KV cache and weight
 copy. --devices N plans for N devices simulated on this machine's CPU (a pod's plan on a laptop);
 without it, for the devices JAX sees here. With --hbm_gib the command exits with status 1 and
-names the fields to change when the peak does not fit.
+names the fields to change when the peak does not fit; --suggest then searches the largest
+train.micro_batch_rows (and whether remat is needed) that fits.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ _VOCAB = flags.DEFINE_integer(
     "model.architecture.vocab_size for configs that take it from the tokenizer a run builds "
     "(the embedded arithmetic task's is 18).",
     lower_bound=0,
+)
+_SUGGEST = flags.DEFINE_bool(
+    "suggest",
+    False,
+    "With --hbm_gib, when the plan does not fit: search the largest train.micro_batch_rows "
+    "(then with model.remat=True) that fits, one compile per try.",
 )
 flags.mark_flags_as_required(["config"])
 
@@ -83,6 +90,19 @@ def main(argv: list[str]) -> None:
                 f"does NOT fit: peak {plan.peak_gib:.2f} GiB > {_HBM.value:g} GiB per device. "
                 + memory_plan.memory_advice(config)
             )
+            if _SUGGEST.value:
+                print("searching a micro-batch that fits:")
+                found = memory_plan.suggest_fit(config, _HBM.value, log=print)
+                if found is None:
+                    print(
+                        "no train.micro_batch_rows down to one row per row shard (data x fsdp) "
+                        "fits, with or without remat: lower loss.logits_chunk_size or "
+                        "sampling.max_rows_per_call, use bfloat16 compute, or add devices"
+                    )
+                else:
+                    fields, fit = found
+                    flags_ = " ".join(f"--config.{k}={v}" for k, v in fields.items())
+                    print(f"fits with {flags_}: peak {fit.peak_gib:.2f} GiB")
             sys.exit(1)
 
 

@@ -97,3 +97,35 @@ def test_plan_memory_cli_says_whether_it_fits():
     assert f"fits: peak {peak:.2f} GiB <= 16 GiB per device" in fits.stdout
     missing = plan_cli("--devices", "2")
     assert missing.returncode == 1 and "--vocab_size N" in missing.stderr
+
+
+def test_suggest_fit_finds_the_largest_micro_batch_that_fits():
+    """The search compiles each candidate (the divisors of the rows per update, multiples of the
+    8 row shards, from the config's value down) and returns the first that fits. The peak is
+    not proportional to the micro-batch (accumulation buffers, XLA's scheduling), which is why it
+    compiles rather than scales a formula."""
+    c = load("qwen2_5_math_1_5b_dynamo")  # remat on; a 2-layer cut of it, 64-row steps
+    c.model.architecture.num_hidden_layers = 2
+    c.buckets.prompt_len, c.sampling.max_new_tokens = (64,), 64
+    c.prompts_per_step, c.rollouts_per_prompt = 8, 8
+    c.train.num_minibatches, c.sampling.max_rows_per_call = 1, 32
+    plans = {}
+    for micro in (32, 16):
+        c.train.micro_batch_rows = micro
+        plans[micro] = memory_plan.plan_memory(c)
+    assert plans[32].peak_gib > plans[16].peak_gib
+    c.train.micro_batch_rows = 32
+    tried = []
+    fields, plan = memory_plan.suggest_fit(
+        c, (plans[32].peak_gib + plans[16].peak_gib) / 2, log=tried.append
+    )
+    assert fields == {"train.micro_batch_rows": 16, "model.remat": True}
+    assert plan.peak_gib == pytest.approx(plans[16].peak_gib)
+    assert [t.split(":")[0] for t in tried] == [
+        "  micro_batch_rows=32, remat=True",
+        "  micro_batch_rows=16, remat=True",
+    ]
+    # below what sampling alone needs, no micro-batch can help: one try, then None
+    tried.clear()
+    assert memory_plan.suggest_fit(c, plans[16].sampling_peak_gib / 2, log=tried.append) is None
+    assert len(tried) == 1
