@@ -94,7 +94,7 @@ def group_advantages(
             f"group_advantages: rewards, group_ids and valid must be [rows]; got shape "
             f"{tuple(jnp.shape(rewards))}"
         )
-    if checks.concrete(group_ids, valid):
+    if estimator != "w_reinforce" and checks.concrete(group_ids, valid):  # it ignores the ids
         ids, ok = np.asarray(group_ids), np.asarray(valid, bool)
         bad = np.flatnonzero(ok & ((ids < 0) | (ids >= num_groups)))
         if bad.size:
@@ -117,11 +117,11 @@ def _group_advantages(
     positive_weight: float = 0.1,
 ) -> jax.Array:
     """`group_advantages` after its argument checks (jitted)."""
-    valid = valid & (group_ids >= 0) & (group_ids < num_groups)  # out of range: padding
     if estimator not in ESTIMATORS:
         raise ValueError(f"advantage estimator {estimator!r}; choose one of {ESTIMATORS}.")
-    if estimator == "w_reinforce":
+    if estimator == "w_reinforce":  # no group baseline: the ids play no part
         return baselines.w_reinforce_advantages(rewards, valid, positive_weight)
+    valid = valid & (group_ids >= 0) & (group_ids < num_groups)  # out of range: padding
     stats = group_statistics(rewards, group_ids, valid, num_groups)
     gid = jnp.clip(group_ids, 0, num_groups - 1)
     count, mean, std = stats.count[gid], stats.mean[gid], stats.std[gid]

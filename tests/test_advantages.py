@@ -100,6 +100,9 @@ def test_group_ids_outside_the_range_are_named_or_count_as_padding():
         group_advantages(rewards, jnp.array([0, 0, 1, -1, 0]), valid, num_groups=2)
     ok = group_advantages(rewards, jnp.array([0, 0, 1, 1, 7]), valid, num_groups=2)  # pad row: 7
     np.testing.assert_allclose(ok, [0.7071, -0.7071, 0.7071, -0.7071, 0.0], atol=1e-4)
+    # w_reinforce has no group baseline: any ids, no error, nothing zeroed
+    w = group_advantages(rewards, jnp.array([0, 0, 2, -1, 0]), valid, 2, estimator="w_reinforce")
+    np.testing.assert_allclose(w, [0.1, -1.0, 0.1, -1.0, 0.0])
     traced = jax.jit(lambda g: group_advantages(rewards, g, valid, num_groups=2))
     for bad in ([0, 0, 1, -1, 0], [0, 0, 1, 2, 0]):
         got = np.asarray(traced(jnp.array(bad)))
