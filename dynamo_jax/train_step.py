@@ -333,14 +333,19 @@ def _update(
     def old_logp_of(micro, stats):
         return jax.lax.stop_gradient(stats.logp) if on_policy else micro["old_logp"]
 
+    def advantages_of(micro, stats):
+        """The advantages modulation sees: Entropy Advantages (SPEC 6) shape them first. The
+        mini_batch scope statistics must use the same ones as each micro-batch's loss."""
+        if s.entropy_shaping_k > 0:
+            return baselines.entropy_shaped_advantages(
+                micro["advantages"], stats.entropy, s.entropy_shaping_k, s.entropy_shaping_kappa
+            )
+        return micro["advantages"]
+
     def micro_loss(params, micro, total, scope):
         stats = micro_forward(params, micro)
         old_logp = old_logp_of(micro, stats)
-        advantages = micro["advantages"]
-        if s.entropy_shaping_k > 0:
-            advantages = baselines.entropy_shaped_advantages(
-                advantages, stats.entropy, s.entropy_shaping_k, s.entropy_shaping_kappa
-            )
+        advantages = advantages_of(micro, stats)
         final, mod_aux = modulation.modulate_advantages(
             advantages,
             stats.entropy,
@@ -398,7 +403,7 @@ def _update(
             def stats_of(micro):
                 st = micro_forward(jax.lax.stop_gradient(params), micro)
                 return modulation.scope_statistics(
-                    micro["advantages"],
+                    advantages_of(micro, st),
                     st.logp,
                     old_logp_of(micro, st),
                     st.entropy,
@@ -536,6 +541,12 @@ class TrainStep:
                 f"batch has no 'old_logp': only a fully on-policy update "
                 f"(train.num_minibatches = 1, got {s.num_minibatches}) may leave it out; "
                 "compute it with TrainStep.logprobs(params, batch) before the update"
+            )
+        if s.kl_coef > 0 and "ref_logp" not in batch:
+            raise ValueError(
+                f"loss.kl_coef = {s.kl_coef} but the batch has no 'ref_logp': compute the "
+                "reference log-probs with TrainStep.logprobs(ref_params, batch), or set "
+                "loss.kl_coef = 0"
             )
         if rows % (s.num_minibatches * s.micro_batch_rows):
             raise ValueError(

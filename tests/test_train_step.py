@@ -225,3 +225,30 @@ def test_on_policy_update_on_a_sharded_mesh_equals_single_device():
     assert float(m8["ratio_mean"]) == pytest.approx(1.0, abs=1e-6)
     for a, b in zip(jax.tree.leaves(s8.params), jax.tree.leaves(s1.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+
+
+@pytest.mark.parametrize("entropy_shaping_k", [0.0, 0.4])
+def test_mini_batch_scope_of_one_micro_batch_equals_micro_batch_scope(entropy_shaping_k):
+    """With one micro-batch per update both scopes hold the same tokens, so the updates must
+    be equal, also when Entropy Advantages (SPEC 6) reshape the advantages before modulation:
+    the mini_batch statistics must see the shaped advantages, as each micro-batch's loss does."""
+    batch, _ = make_batch(4)
+    results = []
+    for scope in ("micro_batch", "mini_batch"):
+        cfg = make_config(2, R // 2, scope=scope)
+        cfg.advantage.entropy_shaping_k = entropy_shaping_k
+        _, step, state = build(cfg)
+        results.append(run_update(step, state, batch))
+    (s1, m1), (s2, m2) = results
+    for k in ("loss", "beta_stab_mean", "damped_frac", "xi_max"):
+        assert float(m2[k]) == pytest.approx(float(m1[k]), rel=1e-5, abs=1e-7), k
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_kl_penalty_without_reference_log_probs_is_an_error():
+    """kl_coef > 0 with no 'ref_logp' in the batch must not silently train without the KL."""
+    _, step, state = build(make_config(1, 8, kl_coef=0.1))
+    batch, _ = make_batch(0)
+    with pytest.raises(ValueError, match=r"loss.kl_coef = 0.1 .*'ref_logp'"):
+        step.update(state, batch, jax.random.key(1))
