@@ -39,19 +39,35 @@ def group_statistics(
         concrete arrays, `group_advantages` raises a ValueError naming the row instead.
       valid: [rows] bool; False marks padding rows.
       num_groups: static number of groups.
+    A group whose rewards are all equal gets exactly that mean and std 0.
     """
+    count, shift, mean_c, std, _ = _centered_statistics(rewards, group_ids, valid, num_groups)
+    return GroupStats(count=count, mean=shift + mean_c, std=std)
+
+
+def _centered_statistics(rewards, group_ids, valid, num_groups):
+    """Group statistics of the rewards measured from each group's largest valid reward.
+
+    Returns (count, shift, mean_c, std, centered): [num_groups] arrays and the rows' centered
+    rewards [rows] (0 on padding), with mean = shift + mean_c. Centering makes a group of equal
+    rewards exactly constant (all 0): a float32 mean of, say, 24 rewards of 0.1 is off by an
+    ulp, which the GRPO division by (std + 1e-6) would blow up into advantages of ~0.01."""
     valid = valid & (group_ids >= 0) & (group_ids < num_groups)
     w = valid.astype(jnp.float32)
-    r = jnp.where(valid, rewards.astype(jnp.float32), 0.0)
-    ids = jnp.where(valid, group_ids, num_groups)  # out of range: dropped by segment_sum
+    ids = jnp.where(valid, group_ids, num_groups)  # out of range: dropped by the segment ops
+    gid = jnp.clip(group_ids, 0, num_groups - 1)
     seg = functools.partial(jax.ops.segment_sum, segment_ids=ids, num_segments=num_groups)
     count = seg(w)
-    mean = seg(r) / jnp.maximum(count, 1.0)
+    r = jnp.where(valid, rewards.astype(jnp.float32), 0.0)
+    shift = jax.ops.segment_max(r, ids, num_segments=num_groups)
+    shift = jnp.where(count > 0, shift, 0.0)  # empty groups: -inf -> 0
+    c = jnp.where(valid, r - shift[gid], 0.0)
+    mean_c = seg(c) / jnp.maximum(count, 1.0)
     # Two-pass variance: numerically safer than E[r^2] - E[r]^2.
-    centered = jnp.where(valid, r - mean[jnp.clip(group_ids, 0, num_groups - 1)], 0.0)
+    centered = jnp.where(valid, c - mean_c[gid], 0.0)
     var = seg(centered * centered) / jnp.maximum(count - 1.0, 1.0)
     std = jnp.where(count >= 2, jnp.sqrt(var), 0.0)
-    return GroupStats(count=count, mean=mean, std=std)
+    return count, shift, mean_c, std, c
 
 
 def group_advantages(
@@ -122,10 +138,11 @@ def _group_advantages(
     if estimator == "w_reinforce":  # no group baseline: the ids play no part
         return baselines.w_reinforce_advantages(rewards, valid, positive_weight)
     valid = valid & (group_ids >= 0) & (group_ids < num_groups)  # out of range: padding
-    stats = group_statistics(rewards, group_ids, valid, num_groups)
+    count, _, mean, std, r = _centered_statistics(rewards, group_ids, valid, num_groups)
     gid = jnp.clip(group_ids, 0, num_groups - 1)
-    count, mean, std = stats.count[gid], stats.mean[gid], stats.std[gid]
-    r = rewards.astype(jnp.float32)
+    # r and mean are measured from the group's largest reward: the differences are the same,
+    # and a group of equal rewards gets exactly 0.
+    count, mean, std = count[gid], mean[gid], std[gid]
     if estimator == "grpo":
         adv = (r - mean) / (std + eps)
     elif estimator == "dr_grpo":

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dynamo_jax.advantages import group_advantages, zero_variance_fraction
+from dynamo_jax.advantages import group_advantages, group_statistics, zero_variance_fraction
 
 
 def reference(rewards, group_ids, valid, estimator, eps=1e-6):
@@ -70,6 +70,29 @@ def test_zero_variance_singletons_and_empty_never_nan():
         assert np.all(np.isfinite(adv)) and np.all(adv == 0.0)
     frac = zero_variance_fraction(rewards, gids, valid, num_groups=8)
     assert float(frac) == pytest.approx(5 / 5)  # 3 rows of group 0 + 2 singletons (std 0)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
+def test_groups_of_equal_non_binary_rewards_get_exactly_zero(estimator):
+    """A float32 mean of 24 rewards of 0.1 is off by an ulp; GRPO's division by (std + 1e-6)
+    once turned that into advantages of ~0.007 (0.1 for some sizes), all of one sign. Equal
+    rewards carry no signal: exactly 0, and the group counts as zero-variance."""
+    sizes, values = (24, 13, 7, 5), (0.1, 0.7, 0.3, 1.0 / 3.0)
+    rewards = np.concatenate([np.full(n, v) for n, v in zip(sizes, values, strict=True)]).astype(
+        np.float32
+    )
+    group_ids = np.repeat(np.arange(len(sizes)), sizes).astype(np.int32)
+    valid = np.ones(len(rewards), bool)
+    adv = np.asarray(group_advantages(rewards, group_ids, valid, 4, estimator))
+    np.testing.assert_array_equal(adv, 0.0)
+    assert float(zero_variance_fraction(rewards, group_ids, valid, 4)) == 1.0
+    stats = group_statistics(rewards, group_ids, valid, 4)
+    np.testing.assert_array_equal(np.asarray(stats.mean), np.float32(values))
+    np.testing.assert_array_equal(np.asarray(stats.std), 0.0)
+    # One differing row makes the group informative again, with the reference's values.
+    rewards[0] = 1.0
+    adv = np.asarray(group_advantages(rewards, group_ids, valid, 4, estimator))
+    np.testing.assert_allclose(adv, reference(rewards, group_ids, valid, estimator), atol=2e-6)
 
 
 def test_new_allocation_does_not_recompile():
