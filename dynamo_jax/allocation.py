@@ -51,7 +51,7 @@ MODES = ("variance", "official", "uniform")
 REFRESH = ("step", "epoch")
 
 # Official-code constants (SPEC 1.3, `official` mode).
-_OFFICIAL_MIN_HISTORY = 4
+OFFICIAL_MIN_HISTORY = 4
 _OFFICIAL_EASY_ACC = 0.85
 _OFFICIAL_FLOOR = 0.01
 _OFFICIAL_TIEBREAK = 1e-6
@@ -404,7 +404,7 @@ def official_priority(k: Any, G: Any) -> np.ndarray:
     Args: k, G float arrays of equal shape. Returns float64 of the same shape.
     """
     k, G = _as_stats_arrays(k, G)
-    explored = G >= _OFFICIAL_MIN_HISTORY
+    explored = G >= OFFICIAL_MIN_HISTORY
     acc = np.zeros_like(G)
     np.divide(k, G, out=acc, where=explored)
     rho = np.maximum(bernoulli_variance(k, G) + _OFFICIAL_TIEBREAK * (1.0 - acc), _OFFICIAL_FLOOR)
@@ -445,12 +445,12 @@ def official_allocation(k: Any, G: Any, budget: int, n_low: int, n_high: int) ->
     N = G.size
     B, lo, hi = check_budget(N, budget, n_low, n_high)
     rho = official_priority(k, G)
-    b0 = max(lo, _OFFICIAL_MIN_HISTORY)
+    b0 = max(lo, OFFICIAL_MIN_HISTORY)
     n = np.minimum(np.maximum(np.ceil(b0 - G), lo), hi).astype(np.int64)
     if int(n.sum()) > B:
         raise ValueError(
             f"official allocation: the minimum rollouts (max(n_low, b0 - G_i) with n_low = {lo}, "
-            f"b0 = {b0}; {int(np.sum(G < _OFFICIAL_MIN_HISTORY))} unexplored prompts) sum to "
+            f"b0 = {b0}; {int(np.sum(G < OFFICIAL_MIN_HISTORY))} unexplored prompts) sum to "
             f"{int(n.sum())}, more than the budget B = {B}"
         )
     remaining = B - int(n.sum())

@@ -333,6 +333,18 @@ def validate(config: Any, schema: Any = None) -> None:
             f"prompts_per_step * allocation.n_high] = [{n_prompts * n_low}, "
             f"{n_prompts * n_high}]: set allocation.n_low <= {n} <= allocation.n_high.",
         )
+    if get("allocation.mode") == "official":
+        # SPEC 1.3: before any history every prompt gets min(max(n_low, 4), n_high) rollouts.
+        from dynamo_jax.allocation import OFFICIAL_MIN_HISTORY
+
+        first = min(max(n_low, OFFICIAL_MIN_HISTORY), n_high)
+        need(
+            n >= first,
+            f"allocation.mode = 'official' gives every prompt without history "
+            f"min(max(allocation.n_low, {OFFICIAL_MIN_HISTORY}), allocation.n_high) = {first} "
+            f"rollouts, so the first step needs rollouts_per_prompt >= {first} (got {n}): "
+            f"raise rollouts_per_prompt or lower allocation.n_high.",
+        )
     decay = get("allocation.stats_decay")
     need(0.0 < decay <= 1.0, f"allocation.stats_decay = {decay} must be in (0, 1].")
     need(

@@ -55,6 +55,23 @@ def test_bad_choice_and_divisibility():
     assert "train.num_minibatches = 7" in str(err.value)
 
 
+def test_official_mode_needs_room_for_the_first_allocation():
+    """official gives each prompt without history min(max(n_low, 4), n_high) rollouts: a budget
+    below that must fail at validation, not at the first step's allocation."""
+    c = cfg_lib.get_default_config()
+    c.allocation.mode = "official"
+    c.prompts_per_step, c.rollouts_per_prompt = 4, 3
+    c.allocation.n_low, c.allocation.n_high = 2, 8
+    c.train.num_minibatches, c.train.micro_batch_rows = 1, 12
+    with pytest.raises(cfg_lib.ConfigError, match=r"rollouts_per_prompt >= 4 \(got 3\)"):
+        cfg_lib.validate(c)
+    c.rollouts_per_prompt, c.train.micro_batch_rows = 4, 16
+    cfg_lib.validate(c)
+    c.rollouts_per_prompt, c.allocation.n_high = 3, 3  # n_high caps the first allocation
+    c.train.micro_batch_rows = 12
+    cfg_lib.validate(c)
+
+
 def test_uniform_mode_ignores_bounds():
     c = cfg_lib.get_default_config()
     c.allocation.mode = "uniform"
