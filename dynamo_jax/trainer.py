@@ -649,7 +649,7 @@ def train(
             json.dump(summary, f, indent=2)
         stats_path = os.path.join(workdir, "prompt_stats.csv")
         with open(stats_path, "w") as f:
-            f.write(stats.to_table())
+            f.write(stats.to_table(**policy.weight_kwargs()))  # the run's weights
     summary["final_state"] = state
     return summary
 

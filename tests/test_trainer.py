@@ -9,8 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tiny_runs import TINY_ARITH, as_flags
+
+from dynamo_jax.allocation import allocation_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -28,6 +31,9 @@ TINY = [
     "--config.eval.every=3",
     "--config.optim.learning_rate=1e-3",
     "--config.sampling.max_rows_per_call=16",  # 32 rollouts per step, sampled in >= 2 calls
+    # not the defaults: prompt_stats.csv must show the weights the run allocates with
+    "--config.allocation.weight_exponent=0.5",
+    "--config.allocation.min_weight=0.01",
 ]
 VOLATILE = ("time_", "tokens_per_s", "compilations")
 
@@ -99,7 +105,11 @@ def test_run_writes_metrics_checkpoints_and_summary(uninterrupted):
     assert {"heldout_accuracy_before", "heldout_accuracy_after"} <= set(summary)
     assert "held-out accuracy:" in proc.stdout
     assert sorted(os.listdir(workdir / "checkpoints"))[-1] == "6"
-    assert (workdir / "prompt_stats.csv").read_text().startswith("id,")
+    table = np.genfromtxt(workdir / "prompt_stats.csv", delimiter=",", names=True)
+    assert len(table) == 48 and table["G"].sum() == 6 * 32  # 6 steps x 8 new prompts x 4 rollouts
+    expected = allocation_weights(table["k"], table["G"], weight_exponent=0.5, min_weight=0.01)
+    assert np.all(expected >= 0.1)
+    np.testing.assert_allclose(table["weight"], expected, rtol=1e-12)
     assert any(f.startswith("events") for f in os.listdir(workdir / "tensorboard"))
 
 
