@@ -192,6 +192,19 @@ EQUIV = [
     ("\\text{blue}", "blue", True),
     ("\\textbf{yes}", "yes", True),
     ("\\text{(A)}", "A", True),
+    # word answers are strings (math-verify would read BAC as B*A*C), case aside
+    ("\\text{BAC}", "\\text{ABC}", False),
+    ("\\text{listen}", "\\text{silent}", False),
+    ("BAC", "\\text{ABC}", False),
+    ("\\text{Monday}", "monday", True),
+    # one upright letter is a symbol, not a unit
+    ("3+4\\mathrm{i}", "3+4i", True),
+    ("3+4", "3+4\\mathrm{i}", False),
+    ("2", "2\\mathrm{e}^{2}", False),
+    ("\\mathrm{e}^{2}", "e^2", True),
+    ("5\\,\\mathrm{m}", "5", True),
+    ("5 m", "5", True),
+    ("5\\ \\text{cm}", "5", True),
     ("(B)", "B", True),
     ("B", "A", False),
     # degrees
@@ -278,6 +291,10 @@ def test_normalize_answer():
     assert normalize_answer("\\left( 1, 2 \\right)") == "(1,2)"
     assert normalize_answer("\\pi r") == "\\pi r"  # a space between letters is kept
     assert normalize_answer(None) == ""
+    # majority votes compare these strings: a unit after "\ " must go, a one-letter unit or
+    # symbol without a space must stay ("3m" may be 3 times m)
+    assert normalize_answer("5\\ \\text{cm}") == normalize_answer("5 m") == "5"
+    assert normalize_answer("3m") == "3m" and normalize_answer("2\\mathrm{e}") == "2e"
 
 
 def test_normalize_space_between_numbers_is_kept():

@@ -156,16 +156,26 @@ def extract_answer(text: str, *, phrase_fallback: bool = True, last_number_fallb
 
 _TEXT_CMD = r"\\(?:text|textbf|textrm|mathrm|mbox|operatorname)"
 _WHOLE_TEXT = re.compile(rf"^{_TEXT_CMD}\{{([^{{}}]*)\}}$")
-_TRAILING_TEXT = re.compile(rf"\s*{_TEXT_CMD}\{{[^{{}}]*\}}(?:\^\{{?[23]\}}?)?\s*$")
+_TRAILING_TEXT = re.compile(rf"\s*{_TEXT_CMD}\{{([^{{}}]*)\}}(?:\^\{{?[23]\}}?)?\s*$")
+# Unit words that are also single letters or an English word ("3m" may be 3 times m, "2 in"
+# anything): stripped only after a space ("5 m") or inside a text command ("5\,\mathrm{m}").
+_SHORT_UNITS = "m|g|in"
 _UNIT_WORDS = (
-    "cm|mm|km|m|meters?|metres?|centimeters?|kilometers?|inch(?:es)?|in|feet|foot|ft|yards?|"
+    "cm|mm|km|meters?|metres?|centimeters?|kilometers?|inch(?:es)?|feet|foot|ft|yards?|"
     "miles?|units?|sq|square|cubic|degrees?|dollars?|cents?|hours?|hrs?|minutes?|mins?|"
-    "seconds?|secs?|days?|weeks?|years?|kg|g|grams?|kilograms?|pounds?|lbs?|liters?|litres?|"
+    "seconds?|secs?|days?|weeks?|years?|kg|grams?|kilograms?|pounds?|lbs?|liters?|litres?|"
     "ml|mph|percent"
 )
 _TRAILING_UNIT = re.compile(
-    rf"(?<=[\d}}])[ \t]*(?:(?:{_UNIT_WORDS})\b(?:\^\{{?[23]\}}?)?\.?[ \t]*)+$"
+    rf"(?<=[\d}}])(?:(?:[ \t]*(?:{_UNIT_WORDS})|[ \t]+(?:{_SHORT_UNITS}))\b"
+    rf"(?:\^\{{?[23]\}}?)?\.?[ \t]*)+$"
 )
+_UNIT_TEXT = re.compile(rf"^(?:\s*(?:{_UNIT_WORDS}|{_SHORT_UNITS})\b\.?)+\s*$")
+# One upright letter is that letter: "\mathrm{i}", "\mathrm{e}" (math-verify drops a trailing
+# \mathrm{...} as a unit, so "3+4\mathrm{i}" would read as 7).
+_TEXT_LETTER = re.compile(rf"{_TEXT_CMD}\{{\s*([A-Za-z])\s*\}}")
+# The text of a word answer ("\text{blue}", "\text{(A)}"): letters, no digit, no command.
+_WORD_ANSWER = re.compile(r"^[^\d\\]*[A-Za-z][^\d\\]*$")
 # Units are searched for only in the last characters: from every digit or "}" the pattern can run
 # to the end before failing, so over a whole answer it is quadratic ("5 m^2 m^2 ... m^2 x": 97 s
 # at 80k characters, and `normalize_answer` runs in the caller's process for majority votes).
@@ -191,19 +201,26 @@ def _strip_decorations(answer: str, *, keep_percent: bool) -> str:
     s = " ".join(answer.split())  # single spaces: no regex below sees a long whitespace run
     s = _strip_math_delimiters(s)
     s = s.replace("\\$", "").replace("$", "")
+    # LaTeX spacing first, so that "5\ \text{cm}" loses its unit rather than keep a "\".
+    s = _SPACING.sub(lambda m: m.group() if m.group() == "\\\\" else " ", s)
+    s = _TEXT_LETTER.sub(r"\1", s)
     m = _WHOLE_TEXT.match(s.strip())
     if m:
         s = m.group(1)
     for _ in range(3):  # "5\text{ cm}^2", "3 \text{ hours} \text{ total}"
-        stripped = _TRAILING_TEXT.sub("", s)
-        if stripped == s or not stripped.strip():
+        m = _TRAILING_TEXT.search(s)
+        # A trailing text command goes when it holds units or a word, never one letter that
+        # is not a unit: "\mathrm{i}" and "\mathrm{e}" are numbers.
+        if m is None or not (_UNIT_TEXT.match(m.group(1)) or _is_word(m.group(1))):
+            break
+        stripped = s[: m.start()]
+        if not stripped.strip():
             break
         s = stripped
     s = _DEGREES.sub("", s)
     if not keep_percent:
         s = s.replace("\\%", "").replace("%", "")
     s = _LEFT_RIGHT.sub("", s)
-    s = _SPACING.sub(lambda m: m.group() if m.group() == "\\\\" else " ", s)
     s = _FRAC_VARIANTS.sub(r"\\frac", s)
     s = s.replace("{,}", ",")
     s = " ".join(s.split())
@@ -220,6 +237,20 @@ def _strip_decorations(answer: str, *, keep_percent: bool) -> str:
     if m:
         s = m.group(1)
     return s
+
+
+def _is_word(text: str) -> bool:
+    """Text of at least two letters and no digit or command: a word, not a symbol."""
+    return sum(c.isalpha() for c in text) >= 2 and _WORD_ANSWER.match(text) is not None
+
+
+def _word_answer(answer: str) -> str | None:
+    """The text of an answer written as one text command holding words ("\\text{BAC}"), else
+    None. Such answers are compared as strings: math-verify would read BAC as the product
+    B*A*C and accept its anagrams."""
+    s = _strip_math_delimiters(" ".join(answer.split())).replace("$", "")
+    m = _WHOLE_TEXT.match(s.strip())
+    return m.group(1) if m and _WORD_ANSWER.match(m.group(1)) else None
 
 
 def normalize_answer(answer: str | None) -> str:
@@ -267,9 +298,11 @@ def score_answer(pred: str | None, gold: str) -> tuple[bool, str]:
         return False, "no_answer"
     try:
         pred, gold = str(pred), str(gold)
-        norm_pred = normalize_answer(pred)
-        if norm_pred and norm_pred == normalize_answer(gold):
+        norm_pred, norm_gold = normalize_answer(pred), normalize_answer(gold)
+        if norm_pred and norm_pred == norm_gold:
             return True, "ok"
+        if _word_answer(pred) is not None or _word_answer(gold) is not None:
+            return norm_pred.casefold() == norm_gold.casefold(), "ok"  # "Monday" = "monday"
         # Percent is kept for math-verify: it knows 50\% == 0.5 == 50.
         gold_parsed = _parse(_strip_decorations(gold, keep_percent=True))
         pred_parsed = _parse(_strip_decorations(pred, keep_percent=True))
