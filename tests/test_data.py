@@ -162,6 +162,19 @@ def test_parquet_roundtrip_and_errors(tmp_path):
     assert [r["id"] for r in ParquetSource(path, derive_ids=True)] == ["math:1", "math:2", "math:3"]
     assert ParquetSource(path, derive_ids=True).load()[0]["answer"] == "1"
 
+    # float32 / float16 answers keep their own precision's text, not the widened double's
+    values = [0.1, 2.3, 1e20]
+    for dtype, expected in ((pa.float32(), ["0.1", "2.3", "1e+20"]), (pa.float16(), ["0.1"])):
+        table = pa.table(
+            {
+                "id": ["a", "b", "c"][: len(expected)],
+                "problem": ["p"] * len(expected),
+                "answer": pa.array(values[: len(expected)], type=dtype),
+            }
+        )
+        pq.write_table(table, path)
+        assert [r["answer"] for r in ParquetSource(path).load()] == expected
+
     rows = [dict(r) for r in ROWS]
     rows[2]["answer"] = None
     pq.write_table(pa.Table.from_pylist(rows), path)

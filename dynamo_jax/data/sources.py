@@ -207,9 +207,24 @@ class ParquetSource(_Source):
                 )
             if top not in columns:
                 columns.append(top)
+        import pyarrow as pa
+
+        # to_pylist() widens float32 to a Python float ("0.10000000149011612"): keep those
+        # columns' values as numpy float32, whose text is the shortest in their own precision.
+        narrow = [
+            f.name
+            for f in pf.schema_arrow
+            if f.name in columns and (pa.types.is_float32(f.type) or pa.types.is_float16(f.type))
+        ]
         row_no = 0
         for batch in pf.iter_batches(batch_size=self.batch_size, columns=columns):
-            for row in batch.to_pylist():
+            rows = batch.to_pylist()
+            for name in narrow:
+                values = batch.column(name).to_numpy(zero_copy_only=False)
+                for row, value in zip(rows, values, strict=True):
+                    if row[name] is not None:
+                        row[name] = value
+            for row in rows:
                 row_no += 1
                 yield f"{self.path}:row {row_no}", row
 
