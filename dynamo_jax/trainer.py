@@ -277,14 +277,34 @@ def nnx_state(model: Any) -> Any:
     return nnx.state(model, nnx.Param)
 
 
-def make_sampler(config: Any, model: Any, task: Task, num_rows: int | None) -> Sampler:
+def make_sampler(
+    config: Any, model: Any, task: Task, num_rows: int | None, max_prompts: int | None = None
+) -> Sampler:
+    """The sampler of a run. With `max_prompts` (the most prompts one call can hold) every call
+    gets that many prompt slots, so that packing a new allocation into calls, which changes the
+    number of prompts per call, never recompiles prefill or decode."""
     spec = bk.BucketSpec(
         prompt_len_buckets=tuple(config.buckets.prompt_len),
         row_buckets=(num_rows,) if num_rows else 64,
-        prompt_count_buckets=8,
+        prompt_count_buckets=(bk.choose_multiple(max_prompts, 8),) if max_prompts else 8,
         max_new_tokens=task.max_new_tokens,
     )
     return Sampler(model, eos_ids=task.tokenizer.eos_ids, pad_id=task.tokenizer.pad_id, spec=spec)
+
+
+def rollout_sampler(config: Any, model: Any, task: Task) -> Sampler:
+    """The sampler of the RL steps: calls of `sampling.max_rows_per_call` rows (0: the whole
+    budget in one call), each with room for as many prompts as a call can hold."""
+    n_prompts = config.prompts_per_step
+    max_rows = config.sampling.max_rows_per_call
+    if max_rows:  # a call holds whole groups of at least this many rollouts each
+        uniform = config.allocation.mode == "uniform"
+        smallest = config.rollouts_per_prompt if uniform else config.allocation.n_low
+        max_prompts = min(n_prompts, max_rows // max(1, smallest))
+    else:
+        max_prompts = n_prompts
+    budget = n_prompts * config.rollouts_per_prompt
+    return make_sampler(config, model, task, max_rows or budget, max_prompts)
 
 
 def pack_prompt_chunks(group_sizes: np.ndarray, max_rows: int) -> list[np.ndarray]:
@@ -514,10 +534,7 @@ def build_rl_parts(config: Any, model: Any, task: Task, mesh: Any) -> RLParts:
     host-side allocation state and data iterator: everything `train` (and the step benchmark)
     drives `_rl_step` with."""
     n_prompts = config.prompts_per_step
-    budget = n_prompts * config.rollouts_per_prompt
-    sampler = make_sampler(
-        config, model, task, num_rows=config.sampling.max_rows_per_call or budget
-    )
+    sampler = rollout_sampler(config, model, task)
     tx = ts.make_optimizer(config)
     graphdef, rest, state = ts.init_train_state(model, tx, with_reference=config.loss.kl_coef > 0)
     settings = ts.StepSettings.from_config(config, num_groups=n_prompts)

@@ -95,3 +95,31 @@ def test_cached_warm_start_must_match_the_config(tmp_path):
         check_warm_start(str(tmp_path), warm_start_fingerprint(c))
     assert "sft.label_noise: cached 0.3, now 0.0" in str(e.value)
     assert "model.architecture.hidden_size" in str(e.value) and "--workdir" in str(e.value)
+
+
+def test_new_allocations_packed_into_calls_do_not_recompile():
+    """The number of prompts per call depends on the allocation (8 groups of 2 fit one call of
+    32 rows, groups of 14 two per call); the run's sampler gives every call the same prompt
+    slots, so a new allocation compiles nothing new."""
+    from types import SimpleNamespace
+
+    from dynamo_jax import config as config_lib
+    from dynamo_jax.trainer import rollout_sampler
+
+    config = config_lib.get_default_config()
+    config.prompts_per_step, config.rollouts_per_prompt = 16, 8
+    config.allocation.n_low, config.allocation.n_high = 2, 14
+    config.sampling.max_rows_per_call = 32
+    config.buckets.prompt_len = (8,)
+    tokenizer = SimpleNamespace(eos_ids=(3,), pad_id=0)
+    task = SimpleNamespace(tokenizer=tokenizer, max_new_tokens=4)
+    model = init_model(CFG, 0)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(4, 64, size=5).tolist() for _ in range(16)]
+    sampler = rollout_sampler(config, model, task)
+    counts = []
+    for sizes in ([8] * 16, [2] * 8 + [14] * 8, [14] * 8 + [2] * 8, [2] * 16):
+        sizes = np.array(sizes)
+        generate_in_chunks(sampler, model, prompts, np.arange(16), sizes, jax.random.key(0), 32, 0)
+        counts.append(dict(sampler.num_compilations()))
+    assert counts[0] == counts[-1], counts
