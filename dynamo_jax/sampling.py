@@ -190,7 +190,9 @@ def _filter_threshold_sort(
     v = scaled.shape[-1]
     desc = -jnp.sort(-scaled, axis=-1)  # [R, V], descending
     k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
-    in_k = jnp.arange(v) < k
+    # Every logit tied with the k-th is kept, as the bisection does (and transformers' top-k).
+    kth = jnp.take_along_axis(desc, jnp.broadcast_to(k - 1, desc.shape[:-1])[..., None], -1)
+    in_k = desc >= kth
     probs = jax.nn.softmax(jnp.where(in_k, desc, -jnp.inf), axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     # p == 1 keeps everything even when float cumsums reach 1 early in the tail.

@@ -322,6 +322,12 @@ def test_bisect_filter_matches_sort_filter():
     for k, p in [(0, 0.9), (1, 1.0), (5, 1.0), (10, 0.5), (131, 0.3), (500, 0.99), (3, 0.01)]:
         args = (x, w, jnp.int32(k), jnp.float32(p))
         np.testing.assert_array_equal(np.asarray(bisect(*args)), np.asarray(sort(*args)))
+    # Ties at the top-k cut, then top-p over all of them: [2, 1, 1, 1, 0] with k = 2 keeps the
+    # three 1s (threshold 1), and p = 0.6 is not reached by the 2 alone.
+    x = jnp.array([[2.0, 1.0, 1.0, 1.0, 0.0]])
+    w = jnp.exp(x - 2.0)
+    args = (x, w, jnp.int32(2), jnp.float32(0.6))
+    assert float(bisect(*args)[0]) == float(sort(*args)[0]) == 1.0
 
 
 def test_committed_params_do_not_recompile_decode(model):
