@@ -247,10 +247,10 @@ def _check_schema(value: Any, default: Any, path: str, errors: list[str]) -> Non
             if key not in default:
                 close = difflib.get_close_matches(str(key), [str(k) for k in default], n=1)
                 prefix = f"{path}." if path else ""
-                hint = f" Did you mean {prefix + close[0]!r}?"
+                hint = f" Did you mean {prefix + close[0]!r}?" if close else ""
                 errors.append(
                     f"Unknown config field {sub!r}."
-                    + (hint if close else "")
+                    + hint
                     + f" Known fields here: {sorted(default)}."
                 )
                 continue
@@ -435,6 +435,9 @@ def validate(config: Any, schema: Any = None) -> None:
     need(len(get("buckets.prompt_len")) >= 1, "buckets.prompt_len must list >= 1 length.")
     noise = get("sft.label_noise")
     need(0.0 <= noise < 1.0, f"sft.label_noise = {noise} must be in [0, 1).")
+    need(get("sft.steps") >= 0, f"sft.steps = {get('sft.steps')} must be >= 0 (0: no warm start).")
+    need(get("sft.batch_size") >= 1, f"sft.batch_size = {get('sft.batch_size')} must be >= 1.")
+    need(get("sft.eval_every") >= 1, f"sft.eval_every = {get('sft.eval_every')} must be >= 1.")
     need(get("eval.samples_per_prompt") >= 1, "eval.samples_per_prompt must be >= 1.")
     need(get("eval.num_prompts") >= 1, "eval.num_prompts must be >= 1.")
 
@@ -447,3 +450,87 @@ def _lookup(tree: Mapping, path: str) -> Any:
     for part in path.split("."):
         node = node[part]
     return node
+
+
+def _field_names(tree: Mapping, prefix: str = "") -> list[str]:
+    names = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        names.append(name)
+        if isinstance(value, Mapping):
+            names += _field_names(value, name + ".")
+    return names
+
+
+def load_config_file(spec: str, flag: str = "config") -> ml_collections.ConfigDict:
+    """`get_config()` of the config file `spec` ("path.py" or "path.py:argument"), with a
+    ConfigError naming the file (and line) when it is missing, does not parse, raises, or
+    defines no get_config()."""
+    import importlib.util
+    import os
+    import traceback
+
+    path, arg = spec, None
+    if not os.path.isfile(path) and ":" in spec:
+        path, arg = spec.rsplit(":", 1)
+    where = f"--{flag} {spec}"
+    if not os.path.isfile(path):
+        raise ConfigError(f"{where}: no such file (give the path of a Python config file).")
+
+    def failed(err: BaseException, doing: str) -> ConfigError:
+        frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename == path]
+        line = f" (line {frames[-1].lineno})" if frames else ""
+        return ConfigError(f"{where}: {doing} raised {type(err).__name__}{line}: {err}")
+
+    try:
+        module_spec = importlib.util.spec_from_file_location("_checked_config", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    except SyntaxError as err:
+        raise ConfigError(f"{where}: line {err.lineno}: syntax error: {err.msg}") from None
+    except Exception as err:
+        raise failed(err, "loading it") from None
+    if not callable(getattr(module, "get_config", None)):
+        raise ConfigError(f"{where}: the file defines no get_config() function.")
+    try:
+        return module.get_config() if arg is None else module.get_config(arg)
+    except Exception as err:
+        raise failed(err, "get_config()") from None
+
+
+def check_config_args(argv: list[str], flag: str = "config") -> None:
+    """Check a command line's `--config FILE` and `--config.<field>=value` overrides before
+    absl parses them (which reports a misspelled field as a long KeyError traceback): raise a
+    ConfigError naming the file or the field, with the closest known field names."""
+    args = list(argv[1:])
+    if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in args):
+        return
+    spec, fields = None, []
+    for i, a in enumerate(args):
+        if a == f"--{flag}" and i + 1 < len(args):
+            spec = args[i + 1]
+        elif a.startswith(f"--{flag}="):
+            spec = a.split("=", 1)[1]
+        elif a.startswith((f"--{flag}.", f"--no{flag}.")):
+            fields.append(a.split("=", 1)[0].split(".", 1)[1])
+    if spec is None:
+        return  # absl reports the missing required flag
+    config = _as_dict(load_config_file(spec, flag))
+    names = _field_names(config)
+    known = [n for n in names if not isinstance(_lookup(config, n), Mapping)]  # leaves
+    errors = []
+    for name in fields:
+        node: Any = config
+        for part in name.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+                hint = ", ".join(f"--{flag}.{c}" for c in close)
+                hint = f" Did you mean {hint}?" if close else ""
+                section = name.rsplit(".", 1)[0] if "." in name else ""
+                fields_here = sorted(_lookup(config, section)) if section in names else None
+                listing = f" Fields of {section}: {fields_here}." if fields_here else ""
+                errors.append(f"--{flag}.{name}: no such config field.{hint}{listing}")
+                break
+            node = node[part]
+    if errors:
+        raise ConfigError("\n".join(errors))

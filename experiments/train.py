@@ -12,6 +12,7 @@ holds metrics.jsonl, tensorboard/, checkpoints/, summary.json and prompt_stats.c
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -49,7 +50,14 @@ def main(argv: list[str]) -> None:
             require_math_paths(config)
     except config_lib.ConfigError as err:
         sys.exit(str(err))
-    summary = trainer.train(config, _WORKDIR.value, progress=not _NO_PROGRESS.value)
+    try:
+        summary = trainer.train(config, _WORKDIR.value, progress=not _NO_PROGRESS.value)
+    except trainer.USER_ERRORS as err:
+        # Bad data, a model or tokenizer that cannot be read, a setting that cannot run: the
+        # message names the file, row or field; the traceback would only bury it.
+        if os.environ.get("DYNAMO_JAX_TRACEBACK"):
+            raise
+        sys.exit(f"error: {err}\n(set DYNAMO_JAX_TRACEBACK=1 to see the traceback)")
     before = summary.get("heldout_accuracy_before")
     after = summary.get("heldout_accuracy_after")
     if before is not None and after is not None:
@@ -57,4 +65,10 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from dynamo_jax import config as config_lib
+
+    try:  # a missing config file or a misspelled --config.<field>: one line, not a traceback
+        config_lib.check_config_args(sys.argv)
+    except config_lib.ConfigError as err:
+        sys.exit(str(err))
     app.run(main)

@@ -27,6 +27,13 @@ def test_unknown_key_is_rejected_with_suggestion():
         cfg_lib.validate(c)
 
 
+def test_unknown_key_without_a_close_match_is_a_config_error():
+    c = cfg_lib.get_default_config().to_dict()
+    c["eval"]["zzzz"] = 1  # no suggestion: once an IndexError
+    with pytest.raises(cfg_lib.ConfigError, match=r"Unknown config field 'eval.zzzz'\. Known"):
+        cfg_lib.validate(c)
+
+
 def test_wrong_type_names_field():
     c = cfg_lib.get_default_config().to_dict()
     c["train"]["num_minibatches"] = 2.5
@@ -85,3 +92,41 @@ def test_presets():
     assert (c.modulation.alpha, c.modulation.lambda_min, c.modulation.tau) == (0.4, 0.6, 0.9)
     with pytest.raises(ValueError, match="decay6"):
         cfg_lib.apply_modulation_preset(c, "decay7")
+
+
+def test_command_line_config_file_and_overrides_are_checked(tmp_path):
+    """A misspelled --config.<field> or a bad config file: one message naming the field or the
+    file (absl reports them as a KeyError traceback or an opaque placeholder object)."""
+    check = cfg_lib.check_config_args
+    base = ["train", "--config", "configs/arith_tiny.py"]
+    check([*base, "--config.train.num_steps=3", "--config.modulation.comp=false"])
+    check(["train", "--config=configs/arith_tiny.py", "--help"])
+    with pytest.raises(
+        cfg_lib.ConfigError,
+        match=r"--config.trian.num_steps: no such config field"
+        r"\. Did you mean --config.train.num_steps",
+    ):
+        check([*base, "--config.trian.num_steps=1"])
+    with pytest.raises(cfg_lib.ConfigError, match=r"Fields of train: \['micro_batch_rows'"):
+        check([*base, "--config.train.lr", "0.1"])
+    with pytest.raises(cfg_lib.ConfigError, match=r"--config configs/nope.py: no such file"):
+        check(["train", "--config", "configs/nope.py"])
+    bad = tmp_path / "bad.py"
+    bad.write_text("def get_config(:\n    pass\n")
+    with pytest.raises(cfg_lib.ConfigError, match=rf"--config {bad}: line 1: syntax error"):
+        check(["train", "--config", str(bad)])
+    bad.write_text("x = 1\n")
+    with pytest.raises(cfg_lib.ConfigError, match="defines no get_config"):
+        check(["train", "--config", str(bad)])
+    bad.write_text("def get_config():\n    return {}['missing']\n")
+    with pytest.raises(cfg_lib.ConfigError, match=r"get_config\(\) raised KeyError \(line 2\)"):
+        check(["train", "--config", str(bad)])
+
+
+def test_sft_settings_that_cannot_run_are_rejected():
+    c = cfg_lib.get_default_config()
+    c.sft.steps, c.sft.batch_size, c.sft.eval_every = -5, 0, 0
+    with pytest.raises(cfg_lib.ConfigError) as err:
+        cfg_lib.validate(c)
+    for field in ("sft.steps = -5", "sft.batch_size = 0", "sft.eval_every = 0"):
+        assert field in str(err.value)
