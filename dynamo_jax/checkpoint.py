@@ -43,6 +43,10 @@ def from_jsonable(tree: Any) -> Any:
     return tree
 
 
+class StateMismatchError(ValueError):
+    """A checkpoint whose train state has other arrays (shapes, dtypes) than the run's."""
+
+
 class RunCheckpointer:
     """Keeps the last `keep` checkpoints of a run under `directory`."""
 
@@ -72,12 +76,47 @@ class RunCheckpointer:
         )
         self._manager.wait_until_finished()
 
+    def host_state(self, step: int) -> dict[str, Any]:
+        """The JSON host state saved at `step` alone (no arrays are read)."""
+        out = self._manager.restore(step, args=ocp.args.Composite(host=ocp.args.JsonRestore()))
+        return from_jsonable(out["host"])
+
+    def saved_arrays(self, step: int) -> list[tuple[tuple[int, ...], str]] | None:
+        """Sorted (shape, dtype) of the arrays of the train state saved at `step`, from the
+        checkpoint's metadata (None when it cannot be read)."""
+        import logging
+
+        path = os.path.join(self.directory, str(step), "state")
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        absl_logger.setLevel(logging.ERROR)  # "Metadata file does not exist" is harmless here
+        try:
+            meta = ocp.StandardCheckpointer().metadata(path)
+        except Exception:  # an unreadable or older layout: let the restore itself decide
+            return None
+        finally:
+            absl_logger.setLevel(level)
+        tree = getattr(meta, "item_metadata", meta)
+        leaves = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape"))
+        return sorted((tuple(x.shape), str(np.dtype(x.dtype))) for x in leaves)
+
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """Restore into the shapes, dtypes and shardings of `abstract_state` (a pytree of arrays
-        or jax.ShapeDtypeStruct with sharding)."""
+        or jax.ShapeDtypeStruct with sharding). Raises `StateMismatchError` (before reading any
+        array) when the saved train state has other arrays than `abstract_state`."""
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state
         )
+        saved = self.saved_arrays(step)
+        wanted = sorted((tuple(x.shape), str(np.dtype(x.dtype))) for x in jax.tree.leaves(target))
+        if saved is not None and saved != wanted:
+            only_saved = sorted(set(saved) - set(wanted))[:3]
+            only_wanted = sorted(set(wanted) - set(saved))[:3]
+            raise StateMismatchError(
+                f"the checkpoint {self.directory}/{step} holds {len(saved)} arrays, this run's "
+                f"train state {len(wanted)}; saved only: {only_saved}; expected only: "
+                f"{only_wanted}"
+            )
         out = self._manager.restore(
             step,
             args=ocp.args.Composite(

@@ -68,6 +68,11 @@ def explain_out_of_memory(config: Any, where: str):
         raise MemoryError(out_of_memory_advice(config, where)) from err
 
 
+class RunError(ValueError):
+    """A run that cannot go on as configured; the message names the fields, files or rows and
+    what to change."""
+
+
 @dataclasses.dataclass
 class Task:
     """What the loop needs from a task: prompts, a tokenizer and a verifier."""
@@ -125,6 +130,55 @@ def build_task(config: Any, workdir: str) -> Task:
     raise ValueError(f"data.task = {config.data.task!r}: choose 'arithmetic' or 'math'.")
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from dynamo_jax.data.sources import DataError
+    from dynamo_jax.models.config import UnsupportedConfigError
+
+    return (
+        config_lib.ConfigError,
+        DataError,
+        UnsupportedConfigError,
+        RunError,
+        MemoryError,
+        FileNotFoundError,  # a model, tokenizer or data path (the message names it)
+    )
+
+
+# Errors whose message names the field, file or row and what to do: entry points print the
+# message alone (a traceback would bury it).
+USER_ERRORS = _user_errors()
+
+
+def check_task_fits(config: Any, task: Task, log: Callable[[str], None]) -> None:
+    """Before anything trains: enough training prompts for one step, and every prompt fits the
+    largest prompt bucket (nothing is truncated, and a step that met a longer prompt would
+    fail mid-run). Notes the evaluation settings the data caps."""
+    n = len(task.train)
+    if n < config.prompts_per_step:
+        source = config.data.train_path if config.data.task == "math" else "data.num_train"
+        raise RunError(
+            f"prompts_per_step = {config.prompts_per_step} but the training data ({source}) "
+            f"holds {n} prompts: lower prompts_per_step or add prompts."
+        )
+    longest = max(config.buckets.prompt_len)
+    for split, records in (("training", task.train), ("held-out", task.heldout)):
+        for record in records:
+            length = len(task.encode_prompt(record["prompt"]))
+            if length > longest:
+                raise RunError(
+                    f"{split} prompt {record['id']!r} is {length} tokens long, more than the "
+                    f"largest prompt bucket (buckets.prompt_len = {list(config.buckets.prompt_len)}"
+                    f"): add a bucket of at least {length} tokens, or remove that prompt "
+                    "(prompts are never truncated)."
+                )
+    e = config.eval
+    if e.num_prompts > len(task.heldout) and not getattr(task, "benchmarks", None):
+        log(f"note: eval.num_prompts = {e.num_prompts}, the held-out set has {len(task.heldout)}")
+    k = 1 if e.greedy else e.samples_per_prompt
+    if getattr(task, "benchmarks", None) and e.pass_k > k:
+        log(f"note: eval.pass_k = {e.pass_k} > {k} samples per problem: reporting pass@{k}")
+
+
 def _hf_architecture(config: Any, tokenizer: Any) -> dict[str, Any]:
     arch = dict(
         config.model.architecture.to_dict()
@@ -133,7 +187,7 @@ def _hf_architecture(config: Any, tokenizer: Any) -> dict[str, Any]:
     )
     arch.setdefault("vocab_size", int(tokenizer.vocab_size))
     if arch["vocab_size"] < tokenizer.vocab_size:
-        raise ValueError(
+        raise RunError(
             f"model.architecture.vocab_size = {arch['vocab_size']} is smaller than the "
             f"tokenizer's vocabulary ({tokenizer.vocab_size})"
         )
@@ -187,7 +241,7 @@ def check_warm_start(sft_dir: str, fingerprint: dict[str, Any]) -> None:
     diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
     if diff:
         shown = ", ".join(f"{k}: cached {saved.get(k)!r}, now {fingerprint.get(k)!r}" for k in diff)
-        raise ValueError(
+        raise RunError(
             f"The cached warm start in {sft_dir} was made with other settings ({shown}). "
             "Use another --workdir, or delete that folder to train the warm start again."
         )
@@ -567,10 +621,18 @@ def train(
             config.distributed.num_processes,
             config.distributed.process_id,
         )
-    mesh = shd.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor)
+    m = config.mesh
+    try:
+        mesh = shd.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
+    except ValueError as err:
+        raise RunError(
+            f"mesh.data = {m.data}, mesh.fsdp = {m.fsdp}, mesh.tensor = {m.tensor} do not fit "
+            f"the {jax.device_count()} devices here ({err}); -1 takes the devices left over."
+        ) from None
     compilation.install()
 
     task = build_task(config, workdir)
+    check_task_fits(config, task, log)
     model, sft_summary = build_model(config, task, workdir, mesh, log)
     eval_sampler = make_sampler(config, model, task, num_rows=None)
     parts = build_rl_parts(config, model, task, mesh)
@@ -581,7 +643,16 @@ def train(
         os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints
     )
     start_step = 0
-    restored = checkpointer.restore_latest(state)
+    try:
+        restored = checkpointer.restore_latest(state)
+    except ckpt_lib.StateMismatchError as err:
+        host = checkpointer.host_state(checkpointer.latest_step())
+        changed = config_changes(host["config"], config) if "config" in host else []
+        raise RunError(
+            f"Cannot resume: {err}. The settings that differ from the checkpoint's:\n  "
+            + ("\n  ".join(changed) or "(none recorded)")
+            + "\nResume with the checkpoint's settings for these, or use another --workdir."
+        ) from None
     if restored is not None:
         state, host = restored
         start_step = int(host["step"])

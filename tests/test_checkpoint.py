@@ -55,3 +55,21 @@ def test_save_restore_keeps_last_k_and_shardings(tmp_path):
 
 def test_restore_latest_without_checkpoints_is_none(tmp_path):
     assert RunCheckpointer(tmp_path / "empty").restore_latest({"x": jnp.zeros(2)}) is None
+
+
+def test_restoring_into_a_state_of_other_shapes_names_the_arrays(tmp_path):
+    """A run resumed with, say, another hidden size: a short error before any array is read
+    (Orbax's own failure is pages of internals), and the host state stays readable."""
+    import pytest
+
+    from dynamo_jax.checkpoint import StateMismatchError
+
+    ckpt = RunCheckpointer(tmp_path / "ckpt")
+    ckpt.save(1, {"w": jnp.zeros((4, 8)), "b": jnp.zeros(8)}, {"config": "{}", "step": 1})
+    with pytest.raises(StateMismatchError, match=r"saved only: \[\(\(4, 8\), 'float32'\)\]"):
+        ckpt.restore_latest({"w": jnp.zeros((4, 6)), "b": jnp.zeros(8)})
+    with pytest.raises(StateMismatchError, match="holds 2 arrays, this run's train state 3"):
+        ckpt.restore_latest({"w": jnp.zeros((4, 8)), "b": jnp.zeros(8), "c": jnp.zeros(1)})
+    assert ckpt.host_state(1) == {"config": "{}", "step": 1}
+    restored, _ = ckpt.restore_latest({"w": jnp.ones((4, 8)), "b": jnp.ones(8)})
+    np.testing.assert_array_equal(restored["w"], 0.0)

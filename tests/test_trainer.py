@@ -159,6 +159,67 @@ def test_help_and_config_errors(env):
     assert bad.returncode != 0
     assert "allocation.n_low = 9" in bad.stderr and "[72, 64]" in bad.stderr
     assert not Path("/nonexistent/never").exists()
+    typo = subprocess.run(
+        command("/nonexistent/never", "--config.trian.num_steps=1"),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert typo.returncode != 0 and "Traceback" not in typo.stderr
+    assert "--config.trian.num_steps: no such config field" in typo.stderr
+    assert "Did you mean --config.train.num_steps" in typo.stderr
+
+
+def test_resume_with_another_model_shape_names_the_changed_settings(uninterrupted, tmp_path, env):
+    """The checkpoint's train state has other shapes than the config's model: one message
+    listing the settings that differ from the checkpoint's, not Orbax's internals."""
+    import shutil
+
+    workdir_a, _ = uninterrupted
+    workdir = tmp_path / "run_c"
+    shutil.copytree(workdir_a, workdir)
+    shutil.rmtree(workdir / "sft_model")  # else the cached warm start's own check stops it first
+    proc = subprocess.run(
+        command(workdir, "--config.model.architecture.hidden_size=48"),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "Cannot resume" in proc.stderr
+    assert "model.architecture.hidden_size: 32 -> 48" in proc.stderr
+    assert "another --workdir" in proc.stderr
+
+
+def test_task_checks_before_training():
+    """Too few prompts for one step, or a prompt longer than every bucket: the run stops before
+    the warm start, naming the prompt and the fields (it used to fail steps later)."""
+    from types import SimpleNamespace
+
+    from dynamo_jax.config import get_default_config
+    from dynamo_jax.trainer import RunError, check_task_fits
+
+    c = get_default_config()
+    c.data.task, c.prompts_per_step, c.buckets.prompt_len = "arithmetic", 2, (4, 8)
+    records = [{"id": f"p{i}", "prompt": "x" * (3 + 2 * i)} for i in range(3)]
+    task = SimpleNamespace(train=records[:2], heldout=records, encode_prompt=list)
+    notes = []
+    long_one = SimpleNamespace(**{**vars(task), "heldout": [{"id": "h9", "prompt": "x" * 9}]})
+    with pytest.raises(RunError, match=r"held-out prompt 'h9' is 9 tokens long.*\[4, 8\]"):
+        check_task_fits(c, long_one, notes.append)
+    check_task_fits(c, task, notes.append)
+    assert notes == ["note: eval.num_prompts = 200, the held-out set has 3"]
+    c.prompts_per_step = 3
+    with pytest.raises(
+        RunError,
+        match=r"prompts_per_step = 3 but the training data "
+        r"\(data.num_train\) holds 2 prompts",
+    ):
+        check_task_fits(c, task, notes.append)
 
 
 def _out_of_memory():

@@ -78,6 +78,23 @@ class ModelConfig:
         offending field for anything this implementation would silently get wrong.
         """
         d = dict(d)
+        required = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        )
+        missing = [k for k in required if d.get(k) is None]
+        if missing:
+            raise UnsupportedConfigError(
+                f"the model config lacks {', '.join(missing)} (a transformers config.json "
+                f"holds {', '.join(required)})"
+            )
+        if int(d["num_hidden_layers"]) < 1:
+            raise UnsupportedConfigError(
+                f"num_hidden_layers={d['num_hidden_layers']}: a model needs at least one layer"
+            )
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedConfigError(
@@ -134,7 +151,10 @@ class ModelConfig:
         path = os.fspath(path)
         file = path if path.endswith(".json") else os.path.join(path, "config.json")
         with open(file) as f:
-            return cls.from_hf_dict(json.load(f))
+            try:
+                return cls.from_hf_dict(json.load(f))
+            except (UnsupportedConfigError, json.JSONDecodeError) as err:
+                raise UnsupportedConfigError(f"{file}: {err}") from None
 
     # ------------------------------------------------------------------ export
     def to_hf_dict(self, dtype_name: str = "float32") -> dict[str, Any]:
