@@ -7,7 +7,7 @@ DEST: accuracy_vs_rollouts.png (iii), zero_variance.png (ii), training_curves.pn
 allocation_<variant>.png, pg_covariance.png (i), entropy_change.png (iv),
 controlled_allocation.png, report_<part>.md (the tables) and results.json (every number).
 Experiments (i) and (iv) use the sweep's warm start OUT/_sft (run the sweep, or just its warm
-start, first). `--only` picks a subset: sweep, i, iv, controlled.
+start, first). `--only` picks a comma-separated subset of: sweep, i, iv, controlled.
 """
 
 from __future__ import annotations
@@ -73,8 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", required=True, help="sweep directory (from experiments.ablations)")
     p.add_argument("--dest", default="docs/results", help="where PNGs, report.md, json go")
-    p.add_argument("--only", default=",".join(PARTS), help=f"subset of {PARTS}")
-    p.add_argument("--config", default=analysis.DEFAULT_CONFIG)
+    p.add_argument(
+        "--only",
+        default=",".join(PARTS),
+        help=f"comma-separated parts to run, from {', '.join(PARTS)} (default: all)",
+    )
+    p.add_argument(
+        "--config",
+        default=analysis.DEFAULT_CONFIG,
+        help="base config of the sweep (batch size, allocation range, the warm start's model)",
+    )
     p.add_argument("--draws", type=int, default=50, help="(i): independent batches per mode")
     p.add_argument("--history", type=int, default=16, help="(i): rollouts per prompt of history")
     p.add_argument("--entropy_batches", type=int, default=8, help="(iv): batches")
@@ -82,9 +90,40 @@ def main(argv: list[str] | None = None) -> int:
         "--entropy_lrs", default="1e-3,1e-2", help="(iv): comma-separated SGD learning rates"
     )
     p.add_argument("--entropy_adam_lr", type=float, default=1e-4, help="(iv): AdamW lr (0: skip)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="random seed of experiments i, iv and controlled"
+    )
     args = p.parse_args(argv)
-    parts = set(args.only.split(","))
+    parts = {x.strip() for x in args.only.split(",") if x.strip()}
+    unknown = sorted(parts - set(PARTS))
+    if unknown or not parts:
+        what = f"unknown parts {unknown}" if unknown else "no parts"
+        p.error(f"--only {args.only}: {what}; give comma-separated parts from {', '.join(PARTS)}")
+    try:
+        lrs = [float(x) for x in args.entropy_lrs.split(",") if x.strip()]
+    except ValueError:
+        p.error(
+            f"--entropy_lrs {args.entropy_lrs}: expected comma-separated numbers, e.g. 1e-3,1e-2"
+        )
+    sweep = analysis.load_sweep(args.out) if "sweep" in parts else {}
+    if "sweep" in parts and not sweep:
+        print(
+            f"{p.prog}: error: no runs under {args.out}: expected run directories "
+            f"{os.path.join(args.out, '<variant>', 'seed<k>')}/metrics.jsonl, as written by "
+            f"`python -m experiments.ablations --out {args.out}` (or leave out the sweep part, "
+            f"e.g. --only controlled)",
+            file=sys.stderr,
+        )
+        return 1
+    sft = os.path.join(args.out, analysis.SFT_DIRNAME)
+    if parts & {"i", "iv"} and not os.path.exists(os.path.join(sft, "sft_model", "config.json")):
+        print(
+            f"{p.prog}: error: parts i and iv need the sweep's warm start {sft}/sft_model/: create "
+            f"it with `python -m experiments.ablations --out {args.out} --warm_start_only` "
+            f"(or leave those parts out with --only)",
+            file=sys.stderr,
+        )
+        return 1
     os.makedirs(args.dest, exist_ok=True)
     config = analysis.load_base_config(args.config)
     B = config.prompts_per_step * config.rollouts_per_prompt
@@ -97,38 +136,34 @@ def main(argv: list[str] | None = None) -> int:
     def dest(name):
         return os.path.join(args.dest, name)
 
-    if "sweep" in parts:
-        sweep = analysis.load_sweep(args.out)
-        if sweep:
-            epoch = -(-config.data.num_train // config.prompts_per_step)
-            analysis.plot_accuracy_vs_rollouts(sweep, B, dest("accuracy_vs_rollouts.png"))
-            analysis.plot_zero_variance(sweep, dest("zero_variance.png"))
-            analysis.plot_training_curves(sweep, dest("training_curves.png"))
-            for v in ("dynamo", "alloc_only"):
-                if v in sweep:
-                    seed = min(sweep[v])
-                    hists = analysis.read_allocation_histograms(sweep[v][seed]["workdir"])
-                    analysis.plot_allocation_histogram(
-                        hists,
-                        config.allocation.n_high,
-                        dest(f"allocation_{v}.png"),
-                        f"{analysis.VARIANT_LABELS[v]}, seed {seed}: prompts per group size",
-                    )
-            table = sweep_tables(sweep, B, epoch)
-            md["sweep"] = table
-            results["sweep"] = {
-                v: {
-                    str(s): {
-                        "summary": r["summary"],
-                        "eval": analysis.series(r["metrics"], "eval_accuracy")[1].tolist(),
-                    }
-                    for s, r in runs.items()
+    if sweep:
+        epoch = -(-config.data.num_train // config.prompts_per_step)
+        analysis.plot_accuracy_vs_rollouts(sweep, B, dest("accuracy_vs_rollouts.png"))
+        analysis.plot_zero_variance(sweep, dest("zero_variance.png"))
+        analysis.plot_training_curves(sweep, dest("training_curves.png"))
+        for v in ("dynamo", "alloc_only"):
+            if v in sweep:
+                seed = min(sweep[v])
+                hists = analysis.read_allocation_histograms(sweep[v][seed]["workdir"])
+                analysis.plot_allocation_histogram(
+                    hists,
+                    config.allocation.n_high,
+                    dest(f"allocation_{v}.png"),
+                    f"{analysis.VARIANT_LABELS[v]}, seed {seed}: prompts per group size",
+                )
+        table = sweep_tables(sweep, B, epoch)
+        md["sweep"] = table
+        results["sweep"] = {
+            v: {
+                str(s): {
+                    "summary": r["summary"],
+                    "eval": analysis.series(r["metrics"], "eval_accuracy")[1].tolist(),
                 }
-                for v, runs in sweep.items()
+                for s, r in runs.items()
             }
-            print(table)
-        else:
-            print(f"no runs under {args.out}", file=sys.stderr)
+            for v, runs in sweep.items()
+        }
+        print(table)
 
     if "controlled" in parts:
         r = analysis.controlled_allocation_experiment(seed=args.seed)
@@ -143,7 +178,6 @@ def main(argv: list[str] | None = None) -> int:
 
     policy = None
     if parts & {"i", "iv"}:
-        sft = os.path.join(args.out, analysis.SFT_DIRNAME)
         policy = analysis.load_policy(sft, config)
 
     if "i" in parts:
@@ -159,7 +193,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if "iv" in parts:
         t0 = time.time()
-        lrs = [float(x) for x in args.entropy_lrs.split(",") if x]
         r = analysis.entropy_change_experiment(
             policy, batches=args.entropy_batches, learning_rates=lrs, seed=args.seed, log=print
         )

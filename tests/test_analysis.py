@@ -333,3 +333,121 @@ def test_ablations_cli_rejects_unknown_variants(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ablations.main(["--out", str(tmp_path), "--variants", "dynamo,nope"])
     assert "nope" in capsys.readouterr().err
+
+
+def _no_sweep(*args, **kwargs):
+    raise AssertionError("the sweep must not start")
+
+
+@pytest.mark.parametrize(
+    "flags, field",
+    [
+        (["--set", "allocation.n_low=100"], "allocation.n_low"),
+        (["--set", "allocation.mode=foo"], "allocation.mode"),
+        (["--set", "eval.every=abc"], "eval.every"),
+        (["--set", "eval.nope=1"], "eval.nope"),
+        (["--set", "nope.x=1"], "nope.x"),
+        (["--steps", "-1"], "train.num_steps"),
+    ],
+)
+def test_ablations_cli_validates_config_before_running(tmp_path, capsys, monkeypatch, flags, field):
+    from experiments import ablations
+
+    monkeypatch.setattr(A, "run_sweep", _no_sweep)
+    monkeypatch.setattr(A, "ensure_warm_start", _no_sweep)
+    out = tmp_path / "sweep"
+    with pytest.raises(SystemExit) as exc:
+        ablations.main(["--out", str(out), "--variants", "dynamo", "--seeds", "0", *flags])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error:" in err and field in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--seeds", "a,b"], ["--seeds a,b", "comma-separated integers"]),
+        (["--set", "eval.every"], ["--set eval.every", "FIELD=VALUE"]),
+    ],
+)
+def test_ablations_cli_malformed_flags_are_usage_errors(tmp_path, capsys, flags, expected):
+    from experiments import ablations
+
+    with pytest.raises(SystemExit) as exc:
+        ablations.main(["--out", str(tmp_path), "--variants", "dynamo", *flags])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and all(e in err for e in expected)
+
+
+def test_ablations_cli_audit_command_fails_fast(tmp_path):
+    import subprocess
+
+    out = tmp_path / "x"
+    cmd = [sys.executable, "-m", "experiments.ablations", "--out", str(out), "--variants"]
+    cmd += ["dynamo", "--steps", "1", "--seeds", "0", "--set", "allocation.n_low=100"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "allocation.n_low" in proc.stderr
+    assert "run the same command again" not in proc.stdout + proc.stderr
+    assert not (out / A.SFT_DIRNAME).exists()
+
+
+def test_ablations_cli_exits_nonzero_when_the_warm_start_fails(tmp_path, capsys, monkeypatch):
+    from experiments import ablations
+
+    log = tmp_path / A.SFT_DIRNAME / "log.txt"
+    log.parent.mkdir()
+    log.write_text("\n$ python -m experiments.train\nInvalid config:\n  - model.x is wrong\n")
+    monkeypatch.setattr(A, "run_sweep", lambda *a, **k: {"dynamo/seed0": "not started"})
+    assert ablations.main(["--out", str(tmp_path), "--variants", "dynamo", "--seeds", "0"]) == 1
+    text = "".join(capsys.readouterr())
+    assert str(log) in text and "run the same command again" not in text
+
+
+def test_ablations_cli_exits_nonzero_when_a_run_fails(tmp_path, capsys, monkeypatch):
+    from experiments import ablations
+
+    sft = tmp_path / A.SFT_DIRNAME / "sft_model"
+    sft.mkdir(parents=True)
+    (sft / "config.json").write_text("{}")
+    log = tmp_path / "grpo" / "seed0" / "log.txt"
+    status = {"dynamo/seed0": "done", "grpo/seed0": f"failed (exit 1; see {log})"}
+    monkeypatch.setattr(A, "run_sweep", lambda *a, **k: status)
+    argv = ["--out", str(tmp_path), "--variants", "dynamo,grpo", "--seeds", "0"]
+    assert ablations.main(argv) == 1
+    assert f"1 runs failed: see {log}" in capsys.readouterr().err
+
+
+def test_report_cli_rejects_unknown_parts(tmp_path, capsys):
+    from experiments import report
+
+    with pytest.raises(SystemExit) as exc:
+        report.main(["--out", str(tmp_path), "--dest", str(tmp_path / "d"), "--only", "foo"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "foo" in err and all(part in err for part in report.PARTS)
+    assert not (tmp_path / "d").exists()
+
+
+def test_report_cli_fails_without_runs(tmp_path, capsys):
+    from experiments import report
+
+    dest = tmp_path / "d"
+    assert report.main(["--out", str(tmp_path / "none"), "--dest", str(dest), "--only", "sweep"])
+    err = capsys.readouterr().err
+    assert "<variant>" in err and "seed<k>" in err and "experiments.ablations" in err
+    assert not (dest / "results.json").exists()
+
+
+def test_report_cli_help_documents_every_flag(capsys):
+    from experiments import report
+
+    with pytest.raises(SystemExit):
+        report.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--only ONLY comma-separated" in text
+    assert "--config CONFIG base config" in text
+    assert "--seed SEED random seed" in text
