@@ -75,7 +75,10 @@ def test_jsonl_derived_ids_only_with_flag(tmp_path):
     "bad_line,message",
     [
         ('{"id": "x", "problem": "p"', r"line 3: bad JSON"),
-        ('{"id": "x", "problem": "p"}', r"line 3: missing field 'answer' \(column 'answer'\)"),
+        (
+            '{"id": "x", "problem": "p"}',
+            r"line 3: missing field 'answer' \(column 'answer'\).*data.answer_field",
+        ),
         ('{"id": "x", "problem": 5, "answer": "1"}', r"line 3: field 'prompt' .* must be a string"),
         ('{"id": "x", "problem": ["p"], "answer": "1"}', r"line 3: field 'prompt'.*got list"),
         ('{"id": "x", "problem": "  ", "answer": "1"}', r"line 3: field 'prompt'.*is empty"),
@@ -157,7 +160,9 @@ def test_parquet_roundtrip_and_errors(tmp_path):
     pq.write_table(
         pa.Table.from_pylist([{"problem": r["problem"], "answer": 1} for r in ROWS]), path
     )
-    with pytest.raises(DataError, match=r"math\.parquet: missing field 'id': no column 'id'"):
+    with pytest.raises(
+        DataError, match=r"math\.parquet: missing field 'id': no column 'id'.*data.id_field"
+    ):
         ParquetSource(path).load()
     assert [r["id"] for r in ParquetSource(path, derive_ids=True)] == ["math:1", "math:2", "math:3"]
     assert ParquetSource(path, derive_ids=True).load()[0]["answer"] == "1"

@@ -93,7 +93,10 @@ def to_record(
                 out["id"] = derived_id
                 continue
             hint = " (pass derive_ids=True to number rows instead)" if key == "id" else ""
-            raise DataError(f"{where}: missing field {key!r} (column {column!r}){hint}")
+            raise DataError(
+                f"{where}: missing field {key!r} (column {column!r}){hint}; a run's config "
+                f"names the column in data.{key}_field"
+            )
         text = _as_text(value, key)
         if text is None:
             raise DataError(
@@ -203,7 +206,8 @@ class ParquetSource(_Source):
                     continue
                 raise DataError(
                     f"{self.path}: missing field {key!r}: no column {column!r} "
-                    f"(columns: {sorted(available)})"
+                    f"(columns: {sorted(available)}); a run's config names the column in "
+                    f"data.{key}_field"
                 )
             if top not in columns:
                 columns.append(top)
