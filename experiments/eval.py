@@ -14,8 +14,11 @@ the data.prompt_field / data.answer_field columns (default "problem" / "answer";
 optional). Prompts use the Qwen2.5-Math chat template, as in training. Each problem gets
 k = eval.samples_per_prompt samples (1 with eval.greedy) at sampling.temperature / top_p / top_k
 for up to sampling.max_new_tokens tokens; pass@k and maj@k are reported for k = eval.pass_k
-(capped at the number of samples). Results: WORKDIR/eval_results.md and .json (the table, the
-average over benchmarks, per-problem counts, settings), also printed.
+(capped at the number of samples, with a note). Results: WORKDIR/eval_results.md and .json (the
+table, the average over benchmarks, per-problem counts, settings), also printed.
+
+A checkpoint whose parameters do not fit the model the config describes (another shape, more
+layers...) is refused with the parameters and the config fields that differ from the run's.
 """
 
 from __future__ import annotations
@@ -74,9 +77,83 @@ def checkpoint_steps(workdir: str) -> list[int]:
     return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
-def restore_params(directory: str, step: int, abstract_params: Any, mesh: Any) -> Any:
+_SHAPE_MISMATCH = "is not compatible with the stored shape"  # Orbax's ValueError on a shape
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """`layers/wq -> shape` for a serialized parameter tree or its checkpoint metadata."""
+    import jax
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    flat = {}
+    for path, leaf in leaves:
+        names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        flat["/".join(n for n in names if n != "value")] = tuple(leaf.shape)
+    return flat
+
+
+def param_differences(saved: Any, wanted: Any) -> list[str]:
+    """What differs between the parameters in a checkpoint and those the config's model has
+    (both serialized trees or metadata), one line per parameter: missing ones first, then
+    other shapes, each sorted by name."""
+    saved, wanted = _flat_shapes(saved), _flat_shapes(wanted)
+    names = sorted(set(saved) | set(wanted))
+    missing = [
+        f"{n}: in the checkpoint {saved[n]}, not in the config's model"
+        for n in names
+        if n not in wanted
+    ]
+    missing += [
+        f"{n}: in the config's model {wanted[n]}, not in the checkpoint"
+        for n in names
+        if n not in saved
+    ]
+    shapes = [
+        f"{n}: checkpoint {saved[n]}, config {wanted[n]}"
+        for n in names
+        if n in saved and n in wanted and saved[n] != wanted[n]
+    ]
+    return missing + shapes
+
+
+# The config fields that decide the parameters' shapes (the vocabulary comes from the tokenizer).
+_SHAPE_FIELDS = ("model.architecture.", "model.path:", "tokenizer.path:")
+
+
+def mismatch_error(
+    directory: str, step: int, differences: list[str], saved_config: str | None, config: Any
+) -> Exception:
+    """The error for a checkpoint whose parameters do not fit the model `config` describes:
+    the parameters that differ and the shape-deciding config fields that differ from the run's."""
+    from dynamo_jax import config as config_lib
+
+    shown = differences[:6] + ([f"... {len(differences) - 6} more"] if len(differences) > 6 else [])
+    msg = (
+        f"The checkpoint of step {step} in {directory} does not match the config: its parameters "
+        "are not those of the model the config describes:\n  " + "\n  ".join(shown)
+    )
+    if saved_config is not None and config is not None:
+        from dynamo_jax.trainer import config_changes
+
+        changed = [c for c in config_changes(saved_config, config) if c.startswith(_SHAPE_FIELDS)]
+        if changed:
+            msg += "\nConfig fields that differ from the run's (run -> now):\n  " + "\n  ".join(
+                changed
+            )
+    return config_lib.ConfigError(
+        msg + "\nEvaluate with the config the run was trained with: the same --config file and "
+        "the same --config.model.* / --config.tokenizer.* overrides (or --checkpoint_step=0 for "
+        "the weights in model.path)."
+    )
+
+
+def restore_params(
+    directory: str, step: int, abstract_params: Any, mesh: Any, config: Any = None
+) -> Any:
     """Only the parameters of a RunCheckpointer checkpoint (no optimizer state is read), placed
-    with the shardings of `abstract_params` on `mesh`."""
+    with the shardings of `abstract_params` on `mesh`. A checkpoint whose parameters differ in
+    names or shapes from `abstract_params` raises ConfigError naming them (and the config fields
+    that differ from the run's, read from the checkpoint's host state, when `config` is given)."""
     import jax
     import orbax.checkpoint as ocp
 
@@ -88,16 +165,36 @@ def restore_params(directory: str, step: int, abstract_params: Any, mesh: Any) -
     )
     item = {"params": ocp.tree.serialize_tree(target)}
     restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), item)
-    manager = ocp.CheckpointManager(directory, item_names=("state", "host"))
+    manager = ocp.CheckpointManager(
+        directory,
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(), "host": ocp.JsonCheckpointHandler()},
+    )
+
+    def mismatch(differences: list[str]) -> Exception:
+        host = manager.restore(step, args=ocp.args.Composite(host=ocp.args.JsonRestore()))
+        saved_config = (host["host"] or {}).get("config")
+        return mismatch_error(directory, step, differences, saved_config, config)
+
     try:
-        out = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item=item, restore_args=restore_args, partial_restore=True
-                )
-            ),
-        )
+        # Checked before reading: a failed Orbax read prints pages of tracebacks from its threads.
+        saved = manager.item_metadata(step)["state"]
+        saved = getattr(saved, "tree", saved)
+        differences = param_differences(saved["params"], item["params"])
+        if differences:
+            raise mismatch(differences)
+        try:
+            out = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        item=item, restore_args=restore_args, partial_restore=True
+                    )
+                ),
+            )
+        except ValueError as err:
+            if _SHAPE_MISMATCH not in str(err):
+                raise
+            raise mismatch([str(err).split(". ")[0]]) from err
     finally:
         manager.close()
     return ocp.tree.deserialize_tree(out["state"]["params"], target)
@@ -142,9 +239,40 @@ def load_policy(config: Any, workdir: str, step: int, mesh: Any, tokenizer: Any,
     graphdef, abstract_params, rest = ts.split_model(abstract)
     directory = os.path.join(workdir, "checkpoints")
     log(f"restoring the parameters of step {step} from {directory}")
-    params = restore_params(directory, step, abstract_params, mesh)
+    params = restore_params(directory, step, abstract_params, mesh, config)
     model = nnx.merge(graphdef, params, rest)
     return model, params, step, f"checkpoint step {step} ({directory})"
+
+
+def check_options(
+    *, checkpoint_step: int, max_problems: int, max_rows_per_call: int, output_name: str
+) -> None:
+    """Raise ConfigError naming each command-line option (run() argument) out of its range."""
+    from dynamo_jax import config as config_lib
+
+    errors = []
+    if checkpoint_step < -1:
+        errors.append(
+            f"--checkpoint_step={checkpoint_step}: must be -1 (the latest checkpoint), 0 (the "
+            "weights in model.path) or N >= 1 (the checkpoint of RL step N)"
+        )
+    if max_problems < 0:
+        errors.append(
+            f"--max_problems={max_problems}: must be >= 0 (N = the first N problems of each "
+            "benchmark, 0 = all)"
+        )
+    if max_rows_per_call < 1:
+        errors.append(
+            f"--max_rows_per_call={max_rows_per_call}: must be >= 1 (rows sampled per call, "
+            "default 512)"
+        )
+    if not output_name or os.sep in output_name or output_name in (".", ".."):
+        errors.append(
+            f"--output_name={output_name!r}: must be a file name stem, e.g. eval_results "
+            "(the files are written to the work dir)"
+        )
+    if errors:
+        raise config_lib.ConfigError("Invalid options:\n  - " + "\n  - ".join(errors))
 
 
 def run(
@@ -167,7 +295,18 @@ def run(
     from dynamo_jax import sharding as shd
     from dynamo_jax.sampling import Sampler
 
+    check_options(
+        checkpoint_step=checkpoint_step,
+        max_problems=max_problems,
+        max_rows_per_call=max_rows_per_call,
+        output_name=output_name,
+    )
     config_lib.validate(config)
+    if config.eval.pass_k < 1:
+        raise config_lib.ConfigError(
+            f"eval.pass_k = {config.eval.pass_k} must be >= 1: pass --config.eval.pass_k=K for "
+            "pass@K and maj@K (K <= eval.samples_per_prompt)"
+        )
     if not config.eval.benchmarks:
         raise config_lib.ConfigError(
             "eval.benchmarks is empty: pass --config.eval.benchmarks=AIME24=/data/aime24.jsonl,"
@@ -197,7 +336,18 @@ def run(
     k = 1 if config.eval.greedy else config.eval.samples_per_prompt
     pass_k = min(config.eval.pass_k, k)
     if pass_k < config.eval.pass_k:
-        log(f"eval.pass_k = {config.eval.pass_k} > {k} samples per problem: reporting pass@{k}")
+        why = "eval.greedy takes 1" if config.eval.greedy else "eval.samples_per_prompt"
+        log(
+            f"note: eval.pass_k = {config.eval.pass_k} > {k} samples per problem ({why}): "
+            f"reporting pass@{k} and maj@{k}; for pass@{config.eval.pass_k} pass "
+            f"--config.eval.samples_per_prompt={config.eval.pass_k}"
+            + (" --config.eval.greedy=False" if config.eval.greedy else "")
+        )
+    if max_rows_per_call < k:
+        log(
+            f"note: --max_rows_per_call={max_rows_per_call} < {k} samples per problem: each call "
+            f"samples one problem ({k} rows)"
+        )
     verify = math_task.MathVerify(verifier_workers)
     t0 = time.perf_counter()
     try:

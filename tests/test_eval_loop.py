@@ -423,7 +423,13 @@ def test_eval_script_base_model_and_checkpoint(tokenizer_dir, data_dir, tmp_path
     assert base["settings"]["checkpoint_step"] == 0
     assert base["columns"] == ["num_problems", "pass@1", "pass@3", "maj@3"]
     assert (workdir / "eval_results.md").exists() and (workdir / "eval_results.json").exists()
-    assert any("reporting pass@3" in line for line in logs)
+    # The cap is told, with the flag that gives the asked-for k.
+    assert any(
+        "eval.pass_k = 8 > 3 samples" in line
+        and "reporting pass@3" in line
+        and "--config.eval.samples_per_prompt=8" in line
+        for line in logs
+    )
 
     # A checkpoint holding the same weights (as the trainer saves it: full TrainState).
     model = models.load_pretrained(model_dir)
@@ -453,6 +459,89 @@ def test_eval_script_base_model_and_checkpoint(tokenizer_dir, data_dir, tmp_path
     assert eval_script.checkpoint_steps(str(workdir)) == [5, 6]
     embed = params["embed"].get_value()
     assert embed.sharding.spec == shd.logical_to_spec(("vocab", "embed"), None, embed.shape, mesh)
+
+
+def test_eval_script_rejects_bad_options(tokenizer_dir, data_dir, tmp_path):
+    """Out-of-range options are refused by name before anything is loaded (a negative
+    --max_problems used to drop the last problems as a Python slice)."""
+    from experiments import eval as eval_script
+
+    config = _math_config(tokenizer_dir, data_dir)
+    cases = [
+        (dict(max_problems=-1), r"--max_problems=-1: must be >= 0 \(N = the first N"),
+        (dict(max_rows_per_call=0), r"--max_rows_per_call=0: must be >= 1"),
+        (dict(checkpoint_step=-2), r"--checkpoint_step=-2: must be -1 \(the latest"),
+        (dict(output_name=""), r"--output_name='': must be a file name stem"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(config_lib.ConfigError, match=message):
+            eval_script.run(config, str(tmp_path), verifier_workers=0, **kwargs)
+    config.eval.pass_k = 0
+    with pytest.raises(config_lib.ConfigError, match=r"eval.pass_k = 0 must be >= 1"):
+        eval_script.run(config, str(tmp_path), verifier_workers=0)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+# The last case lets Orbax fail a read: its I/O threads then report a closed event loop.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_eval_script_refuses_a_checkpoint_of_another_model(
+    tokenizer_dir, data_dir, tmp_path, monkeypatch
+):
+    """A checkpoint trained with another model shape: one ConfigError naming the parameters and
+    the config fields that differ from the run's (its host state), not Orbax's traceback."""
+    from dynamo_jax import checkpoint, models
+    from dynamo_jax import train_step as ts
+    from experiments import eval as eval_script
+
+    config = _math_config(tokenizer_dir, data_dir)
+    config.buckets.prompt_len = (128,)
+    config.model.architecture = dict(
+        model_type="qwen2",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    vocab = int(math_task.load_math_tokenizer(config).vocab_size)
+    arch = {**config.model.architecture.to_dict(), "vocab_size": vocab}
+    model = models.init_model(models.ModelConfig.from_hf_dict(arch), 0)
+    _, _, state = ts.init_train_state(model, ts.make_optimizer(config))
+    saver = checkpoint.RunCheckpointer(tmp_path / "checkpoints")
+    saver.save(3, state, {"step": 3, "config": config.to_json()})
+    saver.close()
+    kwargs = dict(verifier_workers=0, log=lambda msg: None)
+
+    config.model.architecture.hidden_size = 48
+    with pytest.raises(config_lib.ConfigError) as err:
+        eval_script.run(config, str(tmp_path), **kwargs)
+    msg = str(err.value)
+    where = tmp_path / "checkpoints"
+    assert f"The checkpoint of step 3 in {where} does not match the config" in msg
+    assert f"embed: checkpoint ({vocab}, 32), config ({vocab}, 48)" in msg
+    assert "model.architecture.hidden_size: 32 -> 48" in msg
+    assert "eval." not in msg  # only the fields that decide the shapes are listed
+    assert "the same --config file" in msg and len(msg.splitlines()) < 15
+
+    # Another structure: the parameter the checkpoint lacks is named first.
+    config.model.architecture.hidden_size = 32
+    config.model.architecture.tie_word_embeddings = False
+    with pytest.raises(config_lib.ConfigError) as err:
+        eval_script.run(config, str(tmp_path), **kwargs)
+    lines = str(err.value).splitlines()
+    assert lines[1] == f"  lm_head: in the config's model (32, {vocab}), not in the checkpoint"
+    assert "  model.architecture.tie_word_embeddings: True -> False" in lines
+
+    # Orbax's own shape error (were the check before reading to miss one) gives the same error.
+    config.model.architecture.tie_word_embeddings = True
+    config.model.architecture.hidden_size = 48
+    monkeypatch.setattr(eval_script, "param_differences", lambda saved, wanted: [])
+    with pytest.raises(config_lib.ConfigError) as err:
+        eval_script.run(config, str(tmp_path), **kwargs)
+    assert "is not compatible with the stored shape" in str(err.value)
+    assert "model.architecture.hidden_size: 32 -> 48" in str(err.value)
 
 
 def test_math_run_logs_benchmark_metrics(tokenizer_dir, data_dir, tmp_path):
