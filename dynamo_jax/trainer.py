@@ -658,7 +658,17 @@ def train(
         start_step = int(host["step"])
         stats = PromptStats.from_state_dict(host["prompt_stats"])
         policy.load_state_dict(host["allocation_policy"])
-        iterator.restore(host["iterator"])
+        try:
+            iterator.restore(host["iterator"])
+        except ValueError as err:  # the checkpoint's data order is over other prompts
+            changed = config_changes(host["config"], config) if "config" in host else []
+            data = [c for c in changed if c.startswith("data.")] or ["(none recorded)"]
+            raise RunError(
+                f"Cannot resume: the checkpoint's data iterator does not fit this run's training "
+                f"data ({err}). Data settings that differ from the checkpoint's:\n  "
+                + "\n  ".join(data)
+                + "\nResume with the checkpoint's data, or use another --workdir."
+            ) from None
         log(f"resumed from {checkpointer.directory} at step {start_step}")
         if "config" in host:
             changed = config_changes(host["config"], config)

@@ -172,9 +172,19 @@ def test_help_and_config_errors(env):
     assert "Did you mean --config.train.num_steps" in typo.stderr
 
 
-def test_resume_with_another_model_shape_names_the_changed_settings(uninterrupted, tmp_path, env):
-    """The checkpoint's train state has other shapes than the config's model: one message
-    listing the settings that differ from the checkpoint's, not Orbax's internals."""
+@pytest.mark.parametrize(
+    "flag,changed",
+    [
+        ("--config.model.architecture.hidden_size=48", "model.architecture.hidden_size: 32 -> 48"),
+        ("--config.data.num_train=40", "data.num_train: 64 -> 40"),
+    ],
+)
+def test_resume_that_cannot_fit_names_the_changed_settings(
+    uninterrupted, tmp_path, env, flag, changed
+):
+    """The checkpoint's train state has other shapes than the config's model, or its data order
+    covers other prompts: one message listing the settings that differ from the checkpoint's,
+    not Orbax's internals or a bare iterator error."""
     import shutil
 
     workdir_a, _ = uninterrupted
@@ -182,7 +192,7 @@ def test_resume_with_another_model_shape_names_the_changed_settings(uninterrupte
     shutil.copytree(workdir_a, workdir)
     shutil.rmtree(workdir / "sft_model")  # else the cached warm start's own check stops it first
     proc = subprocess.run(
-        command(workdir, "--config.model.architecture.hidden_size=48"),
+        command(workdir, flag),
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -190,8 +200,7 @@ def test_resume_with_another_model_shape_names_the_changed_settings(uninterrupte
         timeout=600,
     )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "Cannot resume" in proc.stderr
-    assert "model.architecture.hidden_size: 32 -> 48" in proc.stderr
+    assert "Cannot resume" in proc.stderr and changed in proc.stderr
     assert "another --workdir" in proc.stderr
 
 
