@@ -398,6 +398,15 @@ def test_config_parsing_and_errors():
         ModelConfig.from_hf_dict(_hf_dict(use_sliding_window=True))
     with pytest.raises(UnsupportedConfigError, match="hidden_act"):
         ModelConfig.from_hf_dict(_hf_dict(hidden_act="gelu"))
+    with pytest.raises(UnsupportedConfigError, match="lacks num_attention_heads"):
+        ModelConfig.from_hf_dict(
+            {k: v for k, v in _hf_dict().items() if k != "num_attention_heads"}
+        )
+    with pytest.raises(UnsupportedConfigError, match="needs at least one layer"):
+        ModelConfig.from_hf_dict(_hf_dict(num_hidden_layers=0))
+    d = _hf_dict()
+    with pytest.raises(UnsupportedConfigError, match=r"hidden_size=\d+ / num_attention_heads=3"):
+        ModelConfig.from_hf_dict({**d, "num_attention_heads": 3, "num_key_value_heads": 3})
 
 
 def test_grad_with_remat_matches():

@@ -120,6 +120,11 @@ class ModelConfig:
         num_heads = int(d["num_attention_heads"])
         hidden = int(d["hidden_size"])
         head_dim = d.get("head_dim") or hidden // num_heads
+        if not d.get("head_dim") and (hidden % num_heads or head_dim % 2):
+            raise UnsupportedConfigError(
+                f"hidden_size={hidden} / num_attention_heads={num_heads} must be a whole, even "
+                f"head size (RoPE rotates pairs), got {hidden / num_heads:g}"
+            )
         if model_type == "qwen2":
             qkv_bias, o_bias = True, False
         else:
