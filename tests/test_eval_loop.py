@@ -56,6 +56,19 @@ def tokenizer_dir(tmp_path_factory):
     return path
 
 
+# A 1-layer Qwen2-style model for the math-task runs (the vocabulary comes from the tokenizer).
+TINY_MATH_ARCH = dict(
+    model_type="qwen2",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+)
+
+
 def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -149,17 +162,7 @@ def test_evaluate_benchmarks_with_sampler(tokenizer_dir, data_dir, tmp_path):
     config = _math_config(tokenizer_dir, data_dir)
     tok = math_task.load_math_tokenizer(config)
     benchmarks = math_task.load_benchmarks(config)
-    arch = dict(
-        model_type="qwen2",
-        vocab_size=416,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
+    arch = dict(TINY_MATH_ARCH, vocab_size=416)
     model = models.init_model(models.ModelConfig.from_hf_dict(arch), 0)
     spec = bk.BucketSpec(
         prompt_len_buckets=(128,), row_buckets=16, prompt_count_buckets=4, max_new_tokens=6
@@ -396,17 +399,7 @@ def test_eval_script_base_model_and_checkpoint(tokenizer_dir, data_dir, tmp_path
     from experiments import eval as eval_script
 
     model_dir = tmp_path / "model"
-    arch = dict(
-        model_type="qwen2",
-        vocab_size=416,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
+    arch = dict(TINY_MATH_ARCH, vocab_size=416, tie_word_embeddings=False)
     models.save_pretrained(models.init_model(models.ModelConfig.from_hf_dict(arch), 1), model_dir)
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, model_dir / f.name)
@@ -495,16 +488,7 @@ def test_eval_script_refuses_a_checkpoint_of_another_model(
 
     config = _math_config(tokenizer_dir, data_dir)
     config.buckets.prompt_len = (128,)
-    config.model.architecture = dict(
-        model_type="qwen2",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
+    config.model.architecture = dict(TINY_MATH_ARCH)
     vocab = int(math_task.load_math_tokenizer(config).vocab_size)
     arch = {**config.model.architecture.to_dict(), "vocab_size": vocab}
     model = models.init_model(models.ModelConfig.from_hf_dict(arch), 0)
@@ -559,16 +543,7 @@ def test_math_run_logs_benchmark_metrics(tokenizer_dir, data_dir, tmp_path):
     c.allocation.n_low, c.allocation.n_high = 2, 8
     c.train.num_minibatches, c.train.micro_batch_rows, c.train.num_steps = 2, 8, 1
     c.buckets.prompt_len, c.loss.logits_chunk_size, c.sft.steps = (128,), 8, 0
-    c.model.architecture = dict(
-        model_type="qwen2",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
+    c.model.architecture = dict(TINY_MATH_ARCH)
     summary = trainer.train(c, str(tmp_path), progress=False, log=lambda msg: None)
     logged = metrics.read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in logged] == [0]

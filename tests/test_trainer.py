@@ -139,34 +139,16 @@ def test_resume_after_sigkill_reproduces_metrics(uninterrupted, tmp_path, env):
 
 
 def test_help_and_config_errors(env):
-    help_out = subprocess.run(
-        [sys.executable, "-m", "experiments.train", "--help"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    def run(cmd):
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+    help_out = run([sys.executable, "-m", "experiments.train", "--help"])
     assert "--workdir" in help_out.stdout and "resumes" in help_out.stdout
-    bad = subprocess.run(
-        command("/nonexistent/never", "--config.allocation.n_low=9"),
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    bad = run(command("/nonexistent/never", "--config.allocation.n_low=9"))
     assert bad.returncode != 0
     assert "allocation.n_low = 9" in bad.stderr and "[72, 64]" in bad.stderr
     assert not Path("/nonexistent/never").exists()
-    typo = subprocess.run(
-        command("/nonexistent/never", "--config.trian.num_steps=1"),
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    typo = run(command("/nonexistent/never", "--config.trian.num_steps=1"))
     assert typo.returncode != 0 and "Traceback" not in typo.stderr
     assert "--config.trian.num_steps: no such config field" in typo.stderr
     assert "Did you mean --config.train.num_steps" in typo.stderr
