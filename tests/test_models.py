@@ -402,6 +402,12 @@ def test_config_parsing_and_errors():
         ModelConfig.from_hf_dict(
             {k: v for k, v in _hf_dict().items() if k != "num_attention_heads"}
         )
+    with pytest.raises(UnsupportedConfigError, match="partial_rotary_factor=0.5"):
+        ModelConfig.from_hf_dict(_hf_dict(model_type="llama", partial_rotary_factor=0.5))
+    with pytest.raises(UnsupportedConfigError, match="partial_rotary_factor"):
+        ModelConfig.from_hf_dict(
+            _hf_dict(rope_parameters=dict(rope_type="default", partial_rotary_factor=0.5))
+        )
     with pytest.raises(UnsupportedConfigError, match="needs at least one layer"):
         ModelConfig.from_hf_dict(_hf_dict(num_hidden_layers=0))
     d = _hf_dict()

@@ -115,6 +115,10 @@ class ModelConfig:
             raise UnsupportedConfigError("mlp_bias=True is not supported")
         if d.get("pretraining_tp", 1) not in (1, None):
             raise UnsupportedConfigError("pretraining_tp != 1 is not supported")
+        if d.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):  # transformers < 5 layout
+            raise UnsupportedConfigError(
+                f"partial_rotary_factor={d['partial_rotary_factor']} is not supported (only 1.0)"
+            )
 
         rope_theta, rope_scaling = _parse_rope(d)
         num_heads = int(d["num_attention_heads"])
