@@ -1,6 +1,6 @@
 """A tour of DynaMO's two mechanisms on a simulated problem set (CPU, seconds).
 
-    python -m experiments.demo [--prompts 64] [--steps 8] [--seed 0]
+    python -m experiments.demo [--prompts 64] [--steps 3] [--seed 0]
 
 1. *How to allocate.* Prompts with hidden success rates p_i (some easy, some hard, some in
    between) are "trained" for a few steps under uniform allocation to build per-prompt history.

@@ -4,13 +4,13 @@
         --devices 64 --hbm_gib 16
     python -m experiments.plan_memory --config configs/arith_tiny.py --vocab_size 18
 
-Builds the model abstractly (no weights), compiles one optimiser update of one micro-batch
-(train.micro_batch_rows rows at the longest prompt bucket + sampling.max_new_tokens) for the
-config's mesh and prints what XLA says each device holds, with the sampler's KV cache and weight
-copy. --devices N plans for N devices simulated on this machine's CPU (a pod's plan on a laptop);
-without it, for the devices JAX sees here. With --hbm_gib the command exits with status 1 and
-names the fields to change when the peak does not fit; --suggest then searches the largest
-train.micro_batch_rows (and whether remat is needed) that fits.
+Builds the model abstractly (no weights), compiles the step's whole update (the step's rows at the
+longest prompt bucket + sampling.max_new_tokens, in train.num_minibatches optimiser updates of
+train.micro_batch_rows-row micro-batches) for the config's mesh and prints what XLA says each device
+holds, with the sampler's KV cache and weight copy. --devices N plans for N devices simulated on
+this machine's CPU (a pod's plan on a laptop); without it, for the devices JAX sees here. With
+--hbm_gib the command exits with status 1 and names the fields to change when the peak does not fit;
+--suggest then searches the largest train.micro_batch_rows (and whether remat is needed) that fits.
 """
 
 from __future__ import annotations
