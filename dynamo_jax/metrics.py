@@ -49,6 +49,7 @@ class MetricsWriter:
         self.path = os.path.join(os.fspath(workdir), "metrics.jsonl")
         self._tb = None
         self._bar = None
+        self._syncs = 0
         if not enabled:
             return
         os.makedirs(os.fspath(workdir), exist_ok=True)
@@ -90,9 +91,24 @@ class MetricsWriter:
                 self._tb.add_histogram(key, np.asarray(values), step)
             self._tb.flush()
         if self._bar is not None:
-            self._bar.update(1)
+            self._bar.update(step + 1 - self._bar.n)  # log_every > 1 writes every few steps
             shown = {k: f"{record[k]:.3g}" for k in PROGRESS_KEYS if record.get(k) is not None}
             self._bar.set_postfix(shown, refresh=False)
+
+    def sync(self) -> None:
+        """Put every logged event on disk now (call before a checkpoint). tensorboardX queues
+        events for a writer thread that flushes every 2 minutes, and `flush()` does not wait
+        for that queue: a run killed after its checkpoint would lose those steps for good (the
+        resume purges only the steps after the checkpoint). Closing drains the queue; the
+        reopened writer appends to a new event file of the same run."""
+        if self._tb is not None:
+            from tensorboardX import SummaryWriter
+
+            logdir = self._tb.logdir
+            self._tb.close()
+            # A suffix of its own: a file name from the same second would truncate the last one.
+            self._syncs += 1
+            self._tb = SummaryWriter(logdir, filename_suffix=f".{os.getpid()}.{self._syncs}")
 
     def log_text(self, message: str) -> None:
         if self._bar is not None:

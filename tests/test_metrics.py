@@ -25,3 +25,41 @@ def test_jsonl_tensorboard_and_resume_truncation(tmp_path):
     w.close()
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2] and rows[-1]["reward"] == 9.0
+
+
+def _scalar_steps(logdir, tag):
+    """Steps of `tag` in every event file under `logdir` (TFRecord framing read by hand)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    steps = []
+    for name in sorted(os.listdir(logdir)):
+        with open(os.path.join(logdir, name), "rb") as f:
+            while header := f.read(8):
+                data = f.read(4) and f.read(struct.unpack("<Q", header)[0])
+                f.read(4)
+                event = event_pb2.Event.FromString(data)
+                steps += [event.step for v in event.summary.value if v.tag == tag]
+    return steps
+
+
+def test_sync_puts_every_logged_event_on_disk(tmp_path):
+    """Before a checkpoint the trainer syncs the writer: tensorboardX's flush() does not wait
+    for its writer thread's queue, so a run killed after the checkpoint lost those steps."""
+    w = MetricsWriter(tmp_path, total_steps=30, progress=False)
+    for step in range(30):
+        w.write(step, {"reward": float(step)})
+    w.sync()  # no close(): a SIGKILL could come now
+    assert _scalar_steps(tmp_path / "tensorboard", "reward") == list(range(30))
+    w.write(30, {"reward": 1.0})
+    w.close()
+    assert _scalar_steps(tmp_path / "tensorboard", "reward") == list(range(31))
+
+
+def test_progress_bar_counts_steps_not_writes(tmp_path):
+    w = MetricsWriter(tmp_path, total_steps=8, start_step=0, progress=True)
+    for step in (2, 5, 7):  # log_every = 3: the last step is always written
+        w.write(step, {"reward": 0.0})
+    assert w._bar.n == 8
+    w.close()
