@@ -559,7 +559,12 @@ def _heldout_metrics(config, sampler, params, task, key, out_dir, step) -> dict[
 
 
 def _host_state(
-    stats: PromptStats, policy: AllocationPolicy, iterator: PromptIterator, step: int, config: Any
+    stats: PromptStats,
+    policy: AllocationPolicy,
+    iterator: PromptIterator,
+    step: int,
+    config: Any,
+    heldout_before: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     return {
         "step": step,
@@ -567,6 +572,8 @@ def _host_state(
         "allocation_policy": policy.state_dict(),
         "iterator": iterator.state(),
         "config": config.to_json(),
+        # the held-out result before RL, which a resumed run reports in summary.json
+        "heldout_before": heldout_before or {},
     }
 
 
@@ -686,12 +693,23 @@ def train(
     summary_path = os.path.join(workdir, "summary.json")
     if start_step == 0:
         before = heldout_metrics(config, eval_sampler, state.params, task, eval_key, eval_dir, 0)
-        summary["heldout_accuracy_before"] = before.get("eval_accuracy")
         if before:
-            summary["heldout_before"] = before
             log(f"held-out accuracy before RL: {before['eval_accuracy']:.3f}")
-    elif os.path.exists(summary_path):
-        summary.update(json.load(open(summary_path)))
+    else:
+        before = host.get("heldout_before") or {}
+        if os.path.exists(summary_path):
+            summary.update(json.load(open(summary_path)))
+            if start_step >= config.train.num_steps:
+                log(
+                    f"the run already finished its {config.train.num_steps} steps (summary.json): "
+                    "nothing to do; raise train.num_steps to train on"
+                )
+                checkpointer.close()
+                summary["final_state"] = state
+                return summary
+    summary["heldout_accuracy_before"] = before.get("eval_accuracy")
+    if before:
+        summary["heldout_before"] = before
 
     writer = MetricsWriter(
         workdir, config.train.num_steps, start_step, progress=progress, enabled=is_main
@@ -724,8 +742,11 @@ def train(
             if (step + 1) % config.log_every == 0 or step + 1 == config.train.num_steps:
                 writer.write(step, metrics, histograms=hist)
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.train.num_steps:
+                writer.sync()  # the logged steps are on disk before the checkpoint that skips them
                 checkpointer.save(
-                    step + 1, state, _host_state(stats, policy, iterator, step + 1, config)
+                    step + 1,
+                    state,
+                    _host_state(stats, policy, iterator, step + 1, config, before),
                 )
     finally:
         writer.close()

@@ -136,6 +136,20 @@ def test_resume_after_sigkill_reproduces_metrics(uninterrupted, tmp_path, env):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stdout
     assert read_metrics(workdir) == read_metrics(workdir_a)
+    # the held-out result before RL comes back from the checkpoint (summary.json is written at
+    # the end, so the killed run never wrote it)
+    summary_a = json.loads((workdir_a / "summary.json").read_text())
+    summary_b = json.loads((workdir / "summary.json").read_text())
+    for key in ("heldout_accuracy_before", "heldout_accuracy_after"):
+        assert summary_b[key] == summary_a[key], key
+    assert "before RL ->" in again.stdout
+    # a finished run started again does nothing (no new evaluation) and says so
+    done = subprocess.run(
+        command(workdir), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0 and "nothing to do" in done.stdout, done.stderr[-3000:]
+    assert "before RL ->" in done.stdout
+    assert json.loads((workdir / "summary.json").read_text()) == summary_b
 
 
 def test_help_and_config_errors(env):
