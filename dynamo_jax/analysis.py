@@ -560,7 +560,10 @@ def _histogram_integers(h: Any) -> np.ndarray:
 
     Buckets are (previous limit, limit]. A bucket holding one integer is exact; where two
     integers share a bucket (sizes above ~10), the split is the one that reproduces the
-    histogram's exact sum and sum of squares (searched; an even split if none is found)."""
+    histogram's exact sum and sum of squares (searched; an even split if none is found). Where
+    several splits reproduce both, the first found is returned, which can be the wrong one (17
+    of 300 random allocations of 1-24 rollouts in one check): a fallback for runs whose
+    metrics.jsonl lacks the exact `allocation` lists, which the trainer writes."""
     limits = np.asarray(h.bucket_limit, np.float64)
     counts = np.rint(np.asarray(h.bucket, np.float64)).astype(np.int64)
     lower = np.concatenate([[-np.inf], limits[:-1]])

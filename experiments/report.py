@@ -25,10 +25,22 @@ from dynamo_jax import analysis
 PARTS = ("sweep", "i", "iv", "controlled")
 
 
+def last_common_evals(runs, count: int = 3) -> tuple[float, list[float]]:
+    """Mean held-out accuracy over the last `count` evaluation steps that every run has, and
+    those steps. Seeds evaluated at different intervals (every 25 or 50 steps) would otherwise
+    average different windows: the last three of one are 250-300, of the other 200-300."""
+    curves = [dict(zip(*analysis.series(r["metrics"], "eval_accuracy"), strict=True)) for r in runs]
+    curves = [c for c in curves if c]
+    if not curves:
+        return float("nan"), []
+    window = sorted(set.intersection(*(set(c) for c in curves)))[-count:]
+    return float(np.mean([[c[x] for x in window] for c in curves])), window
+
+
 def sweep_tables(sweep, rollouts_per_step: int, first_epoch_steps: int | None) -> str:
     lines = [
         "| variant | seeds | steps | held-out before | held-out after (mean +- std) "
-        "| per seed | mean of the last 3 evals | zero-var share, all steps "
+        "| per seed | mean of the last 3 evals every seed has | zero-var share, all steps "
         + ("| zero-var share after epoch 1 " if first_epoch_steps else "")
         + "|",
         "|---|---|---|---|---|---|---|---|" + ("---|" if first_epoch_steps else ""),
@@ -42,12 +54,9 @@ def sweep_tables(sweep, rollouts_per_step: int, first_epoch_steps: int | None) -
         before = [r["summary"].get("heldout_accuracy_before") for r in runs.values()]
         before = [b for b in before if b is not None]
         steps = [len(r["metrics"]) for r in runs.values()]
-        last3 = []
+        last3, window = last_common_evals(runs.values())
         zv_all, zv_late = [], []
         for r in runs.values():
-            _, ev = analysis.series(r["metrics"], "eval_accuracy")
-            if ev.size:
-                last3.append(float(np.mean(ev[-3:])))
             x, zv = analysis.series(r["metrics"], "zero_variance_frac")
             zv_all.append(float(np.mean(zv)))
             if first_epoch_steps and (x > first_epoch_steps).any():
@@ -58,7 +67,8 @@ def sweep_tables(sweep, rollouts_per_step: int, first_epoch_steps: int | None) -
                 f"| {analysis.VARIANT_LABELS.get(v, v)} | {len(runs)} | {min(steps)} "
                 f"| {np.mean(before):.3f} "
                 f"| {np.mean(after):.3f}{std} | {', '.join(f'{a:.3f}' for a in after)} "
-                f"| {np.mean(last3):.3f} | {np.mean(zv_all):.3f} |"
+                f"| {last3:.3f} (steps {', '.join(str(int(x)) for x in window)}) "
+                f"| {np.mean(zv_all):.3f} |"
             )
             if after
             else f"| {v} | {len(runs)} | {min(steps)} | (unfinished) | | | | |"

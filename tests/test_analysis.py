@@ -451,3 +451,39 @@ def test_report_cli_help_documents_every_flag(capsys):
     assert "--only ONLY comma-separated" in text
     assert "--config CONFIG base config" in text
     assert "--seed SEED random seed" in text
+
+
+def test_report_averages_the_last_evals_every_seed_has():
+    """Seeds evaluated every 25 and every 50 steps: the "last 3 evals" column takes steps 200,
+    250, 300 for both (each seed's own last three were different windows)."""
+    from experiments import report
+
+    def run(every, value_at):
+        return {
+            "metrics": [
+                {"step": s - 1, "eval_accuracy": value_at(s), "zero_variance_frac": 0.5}
+                for s in range(every, 301, every)
+            ]
+        }
+
+    runs = [run(25, lambda s: s / 1000), run(50, lambda s: s / 1000 + 0.1)]
+    mean, window = report.last_common_evals(runs)
+    assert window == [200, 250, 300]
+    assert mean == pytest.approx((0.25 + 0.35) / 2)
+    table = report.sweep_tables(
+        {
+            "dynamo": {
+                "0": {
+                    **runs[0],
+                    "summary": {"heldout_accuracy_after": 0.3, "heldout_accuracy_before": 0.2},
+                },
+                "3": {
+                    **runs[1],
+                    "summary": {"heldout_accuracy_after": 0.4, "heldout_accuracy_before": 0.2},
+                },
+            }
+        },
+        64,
+        None,
+    )
+    assert "| 0.300 (steps 200, 250, 300) |" in table
