@@ -613,6 +613,11 @@ def build_rl_parts(config: Any, model: Any, task: Task, mesh: Any) -> RLParts:
     )
 
 
+def is_main_process() -> bool:
+    """Process 0 of a multi-process run (the one that writes metrics, summaries and logs)."""
+    return jax.process_index() == 0
+
+
 def train(
     config: Any, workdir: str, *, progress: bool = True, log: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
@@ -620,14 +625,16 @@ def train(
     config_lib.validate(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
+    # Before anything else touches JAX: jax.distributed must start before the backend does.
+    # Unset fields (the defaults) let jax auto-detect a TPU pod, SLURM or Open MPI launch.
+    d = config.distributed
+    shd.initialize_distributed(
+        d.coordinator_address or None,
+        d.num_processes or None,
+        d.process_id if d.process_id >= 0 else None,
+    )
     is_main = jax.process_index() == 0
     log = log or (lambda msg: print(msg, flush=True) if is_main else None)
-    if config.distributed.coordinator_address:
-        shd.initialize_distributed(
-            config.distributed.coordinator_address,
-            config.distributed.num_processes,
-            config.distributed.process_id,
-        )
     m = config.mesh
     try:
         mesh = shd.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)

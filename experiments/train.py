@@ -60,7 +60,7 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {err}\n(set DYNAMO_JAX_TRACEBACK=1 to see the traceback)")
     before = summary.get("heldout_accuracy_before")
     after = summary.get("heldout_accuracy_after")
-    if before is not None and after is not None:
+    if before is not None and after is not None and trainer.is_main_process():
         print(f"held-out accuracy: {before:.3f} before RL -> {after:.3f} after RL")
 
 

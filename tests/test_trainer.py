@@ -354,3 +354,55 @@ def test_benchmark_evaluation_uses_the_sampling_row_bound(monkeypatch):
         c.sampling.max_rows_per_call = rows
         trainer.heldout_metrics(c, None, None, task, jax.random.key(0))
         assert seen[-1] == expected
+
+
+def _gloo_available() -> bool:
+    try:
+        from jax._src.lib import _jax
+
+        return hasattr(_jax, "make_gloo_tcp_collectives")
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(not _gloo_available(), reason="no gloo CPU collectives (multi-process)")
+def test_two_process_run_from_the_command_line(tmp_path, env):
+    """`experiments.train` as 2 processes x 2 CPU devices joined by jax.distributed on localhost,
+    from an empty work dir (tokenizer, warm start, RL, checkpoint): both finish, process 0 alone
+    writes the metrics and prints the result. (jax.distributed used to start after the first JAX
+    call, which made every process fail at start-up.)"""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    workdir = tmp_path / "mp"
+    e = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    procs = []
+    for pid in range(2):
+        cmd = command(
+            workdir,
+            "--config.train.num_steps=2",
+            "--config.mesh.data=2",
+            "--config.mesh.fsdp=2",
+            f"--config.distributed.coordinator_address=localhost:{port}",
+            "--config.distributed.num_processes=2",
+            f"--config.distributed.process_id={pid}",
+        )
+        log = open(tmp_path / f"log_{pid}.txt", "w")
+        procs.append((subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=log, stderr=log), log))
+    try:
+        for proc, _ in procs:
+            proc.wait(timeout=600)
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+    logs = [(tmp_path / f"log_{pid}.txt").read_text() for pid in range(2)]
+    for proc, text in zip((p for p, _ in procs), logs, strict=True):
+        assert proc.returncode == 0, text[-3000:]
+    assert [r["step"] for r in read_metrics(workdir)] == [0, 1]
+    assert "before RL ->" in logs[0] and "before RL ->" not in logs[1]
+    assert sorted(os.listdir(workdir / "checkpoints"))[-1] == "2"
+    assert (workdir / "sft_model" / "config.json").exists()

@@ -136,15 +136,18 @@ def train_tokenizer(records: list[dict[str, str]], out_dir: str) -> str:
     bos 2, eos 3.
     """
     import os
+    import tempfile
 
     import sentencepiece as spm
 
     os.makedirs(out_dir, exist_ok=True)
-    prefix = os.path.join(out_dir, "arith_sp")
     chars = sorted(set("".join(corpus(records))))
+    # Trained beside its place, then moved in whole: the processes of a multi-process run may
+    # all train it (the result is deterministic) without one reading another's partial file.
+    tmp = tempfile.mkdtemp(prefix=".arith_sp-", dir=out_dir)
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus(records)),
-        model_prefix=prefix,
+        model_prefix=os.path.join(tmp, "arith_sp"),
         model_type="char",
         vocab_size=len(chars) + 4,
         pad_id=0,
@@ -155,4 +158,9 @@ def train_tokenizer(records: list[dict[str, str]], out_dir: str) -> str:
         character_coverage=1.0,
         minloglevel=2,
     )
-    return prefix + ".model"
+    for suffix in (".vocab", ".model"):  # the .model last: its presence means "trained"
+        os.replace(
+            os.path.join(tmp, "arith_sp" + suffix), os.path.join(out_dir, "arith_sp" + suffix)
+        )
+    os.rmdir(tmp)
+    return os.path.join(out_dir, "arith_sp.model")
