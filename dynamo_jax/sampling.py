@@ -83,6 +83,10 @@ class DecodeConfig:
     pad_id: int
     cache_dtype: str | None = None  # None: the model's compute dtype
     filter_method: str = "bisect"  # top-k / top-p threshold: "bisect" or "sort"
+    # Tokens are drawn from ids [0, vocab_limit) only: a model's embedding matrix is often
+    # padded past the tokenizer (Qwen2.5: 151936 rows, 151665 tokens), and an id the tokenizer
+    # does not have would decode to nothing. None: the whole vocabulary.
+    vocab_limit: int | None = None
 
 
 @struct.dataclass
@@ -268,7 +272,11 @@ FILTERS = {"bisect": _filter_threshold_bisect, "sort": _filter_threshold_sort}
 
 
 def sample_tokens(
-    logits: jax.Array, keys: jax.Array, params: SamplingParams, filter_method: str = "bisect"
+    logits: jax.Array,
+    keys: jax.Array,
+    params: SamplingParams,
+    filter_method: str = "bisect",
+    vocab_limit: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Draws one token per row.
 
@@ -277,6 +285,8 @@ def sample_tokens(
       keys: [R] typed PRNG keys, one per row (already folded with the step).
       params: traced knobs.
       filter_method: static; "bisect" (default) or "sort" for the top-k / top-p threshold.
+      vocab_limit: static; draw from ids [0, vocab_limit) only (the tokenizer's ids, where the
+        model's vocabulary is padded past them); log-probs are then normalised over those ids.
 
     Returns:
       (tokens [R] int32, logp [R] float32 = log_softmax(logits / temperature)[token] under the
@@ -287,6 +297,8 @@ def sample_tokens(
     milliseconds per decode step on CPU. Only the filter branch materialises the scaled logits
     and weights.
     """
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits = logits[:, :vocab_limit]  # a slice XLA fuses into the reads below
     logits = logits.astype(jnp.float32)
     v = logits.shape[-1]
     temperature = params.temperature
@@ -437,7 +449,11 @@ def _decode(
         return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, t)
 
     first, first_logp = sample_tokens(
-        slot_logits[row_to_prompt], step_keys(jnp.int32(0)), params, cfg.filter_method
+        slot_logits[row_to_prompt],
+        step_keys(jnp.int32(0)),
+        params,
+        cfg.filter_method,
+        cfg.vocab_limit,
     )
     tokens = jnp.full((rows, m), pad, jnp.int32).at[:, 0].set(jnp.where(valid, first, pad))
     logp = jnp.zeros((rows, m), jnp.float32).at[:, 0].set(jnp.where(valid, first_logp, 0.0))
@@ -456,7 +472,9 @@ def _decode(
             last[:, None], positions, cache, layer_params=layers, return_hidden=True
         )
         logits = model.logits_from_hidden(hidden[:, 0], head)
-        new, new_logp = sample_tokens(logits, step_keys(t), params, cfg.filter_method)
+        new, new_logp = sample_tokens(
+            logits, step_keys(t), params, cfg.filter_method, cfg.vocab_limit
+        )
         active = ~done
         col = (0, t)
         tokens = jax.lax.dynamic_update_slice(tokens, jnp.where(active, new, pad)[:, None], col)
@@ -566,6 +584,8 @@ class Sampler:
         (fresh multi-GB buffers are slow to fault in); ``release_buffers()`` frees it.
       filter_method: how the top-k / top-p threshold is found: "bisect" (default; 32 counting
         passes per filter, exact) or "sort" (a full-vocabulary sort per row and step).
+      vocab_limit: draw only ids below this (the tokenizer's size, where the model's vocabulary
+        is padded past it); None: every id the model has.
     """
 
     def __init__(
@@ -580,6 +600,7 @@ class Sampler:
         rules: Mapping[str, Any] | None = None,
         reuse_buffers: bool = True,
         filter_method: str = "bisect",
+        vocab_limit: int | None = None,
     ):
         if filter_method not in FILTERS:
             raise ValueError(
@@ -605,6 +626,7 @@ class Sampler:
             pad_id=int(pad_id),
             cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype).name,
             filter_method=filter_method,
+            vocab_limit=None if vocab_limit is None else int(vocab_limit),
         )
         self.reuse_buffers = reuse_buffers
         self._traces = {"prefill": 0, "decode": 0}

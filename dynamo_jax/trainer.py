@@ -343,7 +343,13 @@ def make_sampler(
         prompt_count_buckets=(bk.choose_multiple(max_prompts, 8),) if max_prompts else 8,
         max_new_tokens=task.max_new_tokens,
     )
-    return Sampler(model, eos_ids=task.tokenizer.eos_ids, pad_id=task.tokenizer.pad_id, spec=spec)
+    return Sampler(
+        model,
+        eos_ids=task.tokenizer.eos_ids,
+        pad_id=task.tokenizer.pad_id,
+        spec=spec,
+        vocab_limit=int(task.tokenizer.vocab_size),  # a padded vocabulary's extra ids: never
+    )
 
 
 def rollout_sampler(config: Any, model: Any, task: Task) -> Sampler:

@@ -332,7 +332,13 @@ def run(
         prompt_count_buckets=8,
         max_new_tokens=config.sampling.max_new_tokens,
     )
-    sampler = Sampler(model, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id, spec=spec)
+    sampler = Sampler(
+        model,
+        eos_ids=tokenizer.eos_ids,
+        pad_id=tokenizer.pad_id,
+        spec=spec,
+        vocab_limit=int(tokenizer.vocab_size),  # ids past the tokenizer's: never sampled
+    )
     k = 1 if config.eval.greedy else config.eval.samples_per_prompt
     pass_k = min(config.eval.pass_k, k)
     if pass_k < config.eval.pass_k:

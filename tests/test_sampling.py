@@ -344,3 +344,23 @@ def test_committed_params_do_not_recompile_decode(model):
         with CompileCounter() as c:
             s.generate(state, _prompts(rng, [5, 3]), [3, 4], [2, 5], jax.random.key(call + 1))
         assert c.count == 0, c.by_function
+
+
+def test_ids_past_the_tokenizer_are_never_sampled(model):
+    """A model vocabulary padded past the tokenizer (here 128 logits, 100 tokens; Qwen2.5:
+    151936 and 151665): with vocab_limit the padded ids are never drawn (they would decode to
+    nothing and still be trained on) and log-probs are normalised over the real ids."""
+    limit = 100
+    rows = 4000
+    logits = jnp.zeros((rows, CFG.vocab_size)).at[:, limit:].set(3.0)  # padding ids most likely
+    keys = jax.random.split(jax.random.key(3), rows)
+    toks, logp = jax.jit(sample_tokens, static_argnums=(3, 4))(
+        logits, keys, SamplingParams.make(), "bisect", limit
+    )
+    assert int(np.max(toks)) < limit and len(np.unique(toks)) > 90
+    np.testing.assert_allclose(np.asarray(logp), -np.log(limit), rtol=1e-5)
+    s = Sampler(model, eos_ids=(EOS,), pad_id=PAD, spec=SPEC, vocab_limit=limit)
+    rng = np.random.default_rng(5)
+    r = s.generate(nnx.state(model), _prompts(rng, [4, 7]), [1, 2], [6, 6], jax.random.key(4))
+    assert r.response_tokens[r.response_mask > 0].max() < limit
+    _check_invariants(r, SPEC.max_new_tokens)
