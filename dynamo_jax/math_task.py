@@ -180,7 +180,10 @@ def math_prompt_encoder(tokenizer: Any, system: str | None = QWEN_MATH_SYSTEM):
     def encode(problem: str) -> list[int]:
         ids = cache.get(problem)
         if ids is None:
-            ids = tokenizer.encode(format_math_prompt(tokenizer, problem, system))
+            # BOS as the model's own tokenizer adds it (a chat template's own BOS is not
+            # doubled); a Llama prompt without a template started without one.
+            text = format_math_prompt(tokenizer, problem, system)
+            ids = tokenizer.encode(text, add_bos=getattr(tokenizer, "adds_bos", False))
             cache[problem] = ids
         return ids
 

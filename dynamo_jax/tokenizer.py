@@ -94,6 +94,12 @@ class Tokenizer:
     def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = True) -> str:
         raise NotImplementedError
 
+    @property
+    def adds_bos(self) -> bool:
+        """Whether text this tokenizer encodes for its model starts with BOS (Llama: yes; Qwen
+        has no BOS token)."""
+        return self.bos_id is not None
+
     def _with_bos(self, ids: list[int], add_bos: bool) -> list[int]:
         if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             return [self.bos_id, *ids]
@@ -125,6 +131,12 @@ class HFTokenizer(Tokenizer):
     @property
     def bos_id(self) -> int | None:
         return self._tok.bos_token_id
+
+    @property
+    def adds_bos(self) -> bool:
+        """What transformers does: `tokenizer(text)` starts with BOS (its add_bos_token)."""
+        bos = self.bos_id
+        return bos is not None and self._tok("x").input_ids[:1] == [bos]
 
     @property
     def pad_id(self) -> int:

@@ -144,3 +144,47 @@ def test_load_tokenizer_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_tokenizer(tmp_path / "missing")
     assert "Assistant:" in DEFAULT_CHAT_TEMPLATE
+
+
+def test_math_prompts_start_with_bos_as_transformers_encodes_them(tmp_path, hf_dir):
+    """A Llama-style tokenizer (its post-processor adds BOS) without a chat template: the math
+    prompt starts with BOS, as transformers' tokenizer(text) does; with a template holding
+    {{ bos_token }} it is not doubled; a tokenizer without BOS adds nothing."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from dynamo_jax.math_task import format_math_prompt, math_prompt_encoder
+
+    special = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+    raw = RawTokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    raw.train_from_iterator(
+        _corpus(),
+        trainers.BpeTrainer(vocab_size=300, special_tokens=special, initial_alphabet=alphabet),
+    )
+    bos = raw.token_to_id("<|begin_of_text|>")
+    raw.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
+    )
+    for template in (None, "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"):
+        path = tmp_path / f"llama_{template is None}"
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=raw, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"
+        )
+        if template:
+            fast.chat_template = template
+        fast.save_pretrained(path)
+        tok = load_tokenizer(path)
+        assert tok.adds_bos
+        ids = math_prompt_encoder(tok)("two plus two")
+        assert ids[0] == bos and ids[1] != bos
+        if template is None:
+            text = format_math_prompt(tok, "two plus two")
+            assert ids == AutoTokenizer.from_pretrained(path)(text)["input_ids"]
+    qwen_like = load_tokenizer(hf_dir)  # no BOS token: prompts unchanged
+    assert not qwen_like.adds_bos
+    text = format_math_prompt(qwen_like, "two plus two")
+    assert math_prompt_encoder(qwen_like)("two plus two") == qwen_like.encode(text)
