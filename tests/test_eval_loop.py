@@ -385,7 +385,7 @@ def test_empty_benchmark_file_fails_at_load(tokenizer_dir, data_dir, tmp_path):
         math_task.load_benchmarks(config)
 
 
-def test_eval_script_base_model_and_checkpoint(tokenizer_dir, data_dir, tmp_path):
+def test_eval_script_base_model_and_checkpoint(tokenizer_dir, data_dir, tmp_path, monkeypatch):
     """experiments/eval.py: model.path weights without checkpoints, then the latest checkpoint
     (parameters only restored); the same weights give the same samples."""
     import shutil
@@ -452,6 +452,24 @@ def test_eval_script_base_model_and_checkpoint(tokenizer_dir, data_dir, tmp_path
     assert eval_script.checkpoint_steps(str(workdir)) == [5, 6]
     embed = params["embed"].get_value()
     assert embed.sharding.spec == shd.logical_to_spec(("vocab", "embed"), None, embed.shape, mesh)
+
+    # run() samples with the checkpoint's weights, not model.path's (a tiny random model's
+    # samples are all truncated either way, so the weights handed to the sampler are compared).
+    seen = []
+    original = evaluation.evaluate_benchmarks
+
+    def spy(sampler, params, *args, **kw):
+        seen.append(params)
+        return original(sampler, params, *args, **kw)
+
+    monkeypatch.setattr(evaluation, "evaluate_benchmarks", spy)  # eval.py imports it in run()
+    _, latest = eval_script.run(config, str(workdir), **kwargs)
+    assert latest["settings"]["checkpoint_step"] == 6
+    got = jax.tree.leaves(seen[-1])
+    want = jax.tree.leaves(doubled.params)
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_eval_script_rejects_bad_options(tokenizer_dir, data_dir, tmp_path):
