@@ -4,6 +4,7 @@ of the covariance and entropy-change experiments."""
 
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -237,6 +238,18 @@ def test_load_sweep_aggregate_and_allocation_histograms(tmp_path):
     assert sorted(hists) == [0, 1, 2, 3]
     for s in range(4):
         assert sorted(hists[s].tolist()) == sorted(allocs[s].tolist())
+    # The TensorBoard path itself (runs whose metrics.jsonl lacks the exact lists): drop them.
+    tb_only = tmp_path / "tb_only"
+    shutil.copytree(tmp_path / "dynamo" / "seed0", tb_only)
+    rows = [json.loads(line) for line in open(tb_only / "metrics.jsonl")]
+    with open(tb_only / "metrics.jsonl", "w") as f:
+        f.writelines(
+            json.dumps({k: v for k, v in r.items() if k != "allocation"}) + "\n" for r in rows
+        )
+    decoded = A.read_allocation_histograms(str(tb_only))
+    assert sorted(decoded) == [0, 1, 2, 3]
+    for s in range(4):
+        assert sorted(decoded[s].tolist()) == sorted(allocs[s].tolist())
     steps, mat = A.allocation_matrix(hists, 16)
     assert mat.shape == (4, 17) and mat[0, 16] == 3 and mat.sum() == 24
     # The exact path: a per-step "allocation" list in metrics.jsonl wins over TensorBoard.
