@@ -76,24 +76,29 @@ def _targets_cotangent(targets):
     return np.zeros(targets.shape, jax.dtypes.float0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _logits_stats(logits, targets, temperature, with_vocab):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _logits_stats(logits, targets, temperature, with_vocab, vocab_limit=None):
     """(logp, entropy, E_vocab or zeros) of one chunk of logits [..., V] (any dtype), float32,
     with the hand-written gradient of `_softmax_stats_cotangent`."""
-    return _logits_stats_fwd(logits, targets, temperature, with_vocab)[0]
+    return _logits_stats_fwd(logits, targets, temperature, with_vocab, vocab_limit)[0]
 
 
-def _logits_stats_fwd(logits, targets, temperature, with_vocab):
+def _scaled_logits(logits, temperature, vocab_limit):
     z = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32) / temperature
+    return _limit_vocab(z, vocab_limit)
+
+
+def _logits_stats_fwd(logits, targets, temperature, with_vocab, vocab_limit):
+    z = _scaled_logits(logits, temperature, vocab_limit)
     logp, entropy, e_vocab, logz = _softmax_stats(z, _flat_targets(targets), with_vocab)
     outs = tuple(o.reshape(targets.shape) for o in (logp, entropy, e_vocab))
     return outs, (logits, targets, logz, entropy, temperature)
 
 
-def _logits_stats_bwd(with_vocab, residuals, cotangents):
+def _logits_stats_bwd(with_vocab, vocab_limit, residuals, cotangents):
     logits, targets, logz, entropy, temperature = residuals
     g_logp, g_entropy, _ = (c.reshape(-1, 1) for c in cotangents)  # E_vocab: no gradient
-    z = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32) / temperature
+    z = _scaled_logits(logits, temperature, vocab_limit)
     onehot = _flat_targets(targets) == jnp.arange(z.shape[-1], dtype=jnp.int32)
     d_logits, d_temperature = _softmax_stats_cotangent(
         z, logz, entropy, onehot, g_logp, g_entropy, temperature
@@ -133,8 +138,8 @@ def _chunked(
     return TokenStats(outs[0], outs[1], outs[2] if with_vocab_expectation else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _head_stats(hidden, lm_head, targets, temperature, with_vocab, save_logits):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _head_stats(hidden, lm_head, targets, temperature, with_vocab, save_logits, vocab_limit=None):
     """(logp, entropy, E_vocab or zeros) of one chunk, hidden [rows, C, D] @ lm_head [D, V].
 
     Written with its own gradient: the backward recomputes the chunk's logits from the saved
@@ -144,28 +149,42 @@ def _head_stats(hidden, lm_head, targets, temperature, with_vocab, save_logits):
     Autodiff of the same forward made XLA:CPU write dz transposed inside the softmax fusion:
     4.3x slower at a 512 vocabulary and 1.9x at Qwen2.5-0.5B's (benchmarks/bench_head.py).
     """
-    return _head_stats_fwd(hidden, lm_head, targets, temperature, with_vocab, save_logits)[0]
+    return _head_stats_fwd(
+        hidden, lm_head, targets, temperature, with_vocab, save_logits, vocab_limit
+    )[0]
 
 
-def _head_logits(hidden, lm_head, temperature):
+# The scaled logit of an id at or past `vocab_limit`: finite, so that p = 0 and p * log p = 0
+# in the forward and the cotangent (with -inf, 0 * -inf would be NaN).
+_MASKED_LOGIT = -1e30
+
+
+def _limit_vocab(z, vocab_limit):
+    """Scaled logits [N, V] with the ids at or past `vocab_limit` (static) given no mass."""
+    if vocab_limit is None or vocab_limit >= z.shape[-1]:
+        return z
+    return jnp.where(jnp.arange(z.shape[-1]) < vocab_limit, z, _MASKED_LOGIT)
+
+
+def _head_logits(hidden, lm_head, temperature, vocab_limit=None):
     h2 = hidden.reshape(-1, hidden.shape[-1])
     z = jnp.dot(h2, lm_head.astype(hidden.dtype), preferred_element_type=jnp.float32)
-    return z / temperature  # [rows * C, V] float32
+    return _limit_vocab(z / temperature, vocab_limit)  # [rows * C, V] float32
 
 
-def _head_stats_fwd(hidden, lm_head, targets, temperature, with_vocab, save_logits):
-    z = _head_logits(hidden, lm_head, temperature)
+def _head_stats_fwd(hidden, lm_head, targets, temperature, with_vocab, save_logits, vocab_limit):
+    z = _head_logits(hidden, lm_head, temperature, vocab_limit)
     logp, entropy, e_vocab, logz = _softmax_stats(z, _flat_targets(targets), with_vocab)
     outs = tuple(o.reshape(targets.shape) for o in (logp, entropy, e_vocab))
     residuals = (hidden, lm_head, targets, logz, entropy, z if save_logits else None, temperature)
     return outs, residuals
 
 
-def _head_stats_bwd(with_vocab, save_logits, residuals, cotangents):
+def _head_stats_bwd(with_vocab, save_logits, vocab_limit, residuals, cotangents):
     hidden, lm_head, targets, logz, entropy, z, temperature = residuals
     g_logp, g_entropy, _ = (c.reshape(-1, 1) for c in cotangents)  # E_vocab: no gradient
     if z is None:
-        z = _head_logits(hidden, lm_head, temperature)
+        z = _head_logits(hidden, lm_head, temperature, vocab_limit)
     onehot = _flat_targets(targets) == jnp.arange(z.shape[-1], dtype=jnp.int32)
     dz, d_temperature = _softmax_stats_cotangent(
         z, logz, entropy, onehot, g_logp, g_entropy, temperature
@@ -188,6 +207,7 @@ def token_logprobs_and_entropy(
     temperature: float = 1.0,
     chunk_size: int = 128,
     with_vocab_expectation: bool = False,
+    vocab_limit: int | None = None,
 ) -> TokenStats:
     """Per-token log-prob of `targets` and full-vocabulary entropy, from hidden states.
 
@@ -203,6 +223,8 @@ def token_logprobs_and_entropy(
       temperature: the sampling temperature T (SPEC 2: entropy at T).
       chunk_size: positions per chunk.
       with_vocab_expectation: also return sum_a pi_a^2 (log pi_a + H) (SPEC 2.2, `vocab`).
+      vocab_limit: static; the distribution is over ids [0, vocab_limit) (the tokenizer's ids,
+        where the model's vocabulary is padded past them, as the sampler's `vocab_limit`).
 
     Returns:
       TokenStats(logp [rows, T], entropy [rows, T], expected_pi_lambda [rows, T] or None), float32;
@@ -221,14 +243,24 @@ def token_logprobs_and_entropy(
             f"{fn}: lm_head has {lm_head.shape[0]} rows but hidden states have D = "
             f"{hidden.shape[-1]} (pass the [D, V] matrix: the embedding transposed when tied)"
         )
-    _check_head_args(fn, targets, lm_head.shape[1], temperature, chunk_size)
+    vocab = _vocab(fn, lm_head.shape[1], vocab_limit)
+    _check_head_args(fn, targets, vocab, temperature, chunk_size)
 
     def chunk_fn(h, t, single_chunk):
         temp = jnp.asarray(temperature, jnp.float32)
-        outs = _head_stats(h, lm_head, t, temp, with_vocab_expectation, single_chunk)
+        outs = _head_stats(h, lm_head, t, temp, with_vocab_expectation, single_chunk, vocab_limit)
         return outs if with_vocab_expectation else outs[:2]
 
     return _chunked(chunk_fn, hidden, targets, chunk_size, with_vocab_expectation)
+
+
+def _vocab(fn, vocab, vocab_limit) -> int:
+    """The ids targets may hold: [0, vocab_limit) when given, else the whole vocabulary."""
+    if vocab_limit is None:
+        return vocab
+    if not 1 <= vocab_limit:
+        raise ValueError(f"{fn}: vocab_limit = {vocab_limit} must be >= 1")
+    return min(int(vocab_limit), vocab)
 
 
 def _check_head_args(fn, targets, vocab, temperature, chunk_size) -> None:
@@ -258,6 +290,7 @@ def logprobs_and_entropy_from_logits(
     temperature: float = 1.0,
     chunk_size: int = 128,
     with_vocab_expectation: bool = False,
+    vocab_limit: int | None = None,
 ) -> TokenStats:
     """As `token_logprobs_and_entropy`, for a model that already gives logits [rows, T, V].
 
@@ -271,12 +304,13 @@ def logprobs_and_entropy_from_logits(
             f"[rows, T]; got logits {tuple(jnp.shape(logits))}, targets "
             f"{tuple(jnp.shape(targets))}"
         )
-    _check_head_args(
-        "logprobs_and_entropy_from_logits", targets, logits.shape[-1], temperature, chunk_size
-    )
+    fn = "logprobs_and_entropy_from_logits"
+    vocab = _vocab(fn, logits.shape[-1], vocab_limit)
+    _check_head_args(fn, targets, vocab, temperature, chunk_size)
 
     def chunk_fn(x, t, single_chunk):
-        outs = _logits_stats(x, t, jnp.asarray(temperature, jnp.float32), with_vocab_expectation)
+        temp = jnp.asarray(temperature, jnp.float32)
+        outs = _logits_stats(x, t, temp, with_vocab_expectation, vocab_limit)
         return outs if with_vocab_expectation else outs[:2]
 
     return _chunked(chunk_fn, logits, targets, chunk_size, with_vocab_expectation)

@@ -93,11 +93,17 @@ class StepSettings:
     clip_cov_low: float = 1.0
     clip_cov_high: float = 5.0
     kl_cov_coef: float = 1.0
+    # The tokenizer's size where the model's vocabulary is padded past it: log-probs and
+    # entropy over ids [0, vocab_limit), the distribution the sampler draws from. None: all.
+    vocab_limit: int | None = None
 
     @classmethod
-    def from_config(cls, config: Any, num_groups: int) -> StepSettings:
+    def from_config(
+        cls, config: Any, num_groups: int, vocab_limit: int | None = None
+    ) -> StepSettings:
         c = config
         return cls(
+            vocab_limit=vocab_limit,
             num_minibatches=c.train.num_minibatches,
             micro_batch_rows=c.train.micro_batch_rows,
             num_groups=num_groups,
@@ -202,9 +208,10 @@ def response_token_stats(
     temperature: float,
     logits_chunk_size: int,
     with_vocab: bool = False,
+    vocab_limit: int | None = None,
 ) -> losses.TokenStats:
     """Log-probs / entropy (and the vocab expectation) of `batch["targets"]` for a batch in the
-    train layout (`batch_from_rollouts`): [rows, M] each."""
+    train layout (`batch_from_rollouts`): [rows, M] each; over ids [0, vocab_limit) if given."""
     model = nnx.merge(graphdef, params, rest)
     hidden = model(
         batch["input_ids"], batch["positions"], batch["attention_mask"], return_hidden=True
@@ -220,12 +227,13 @@ def response_token_stats(
         temperature,
         logits_chunk_size,
         with_vocab_expectation=with_vocab,
+        vocab_limit=vocab_limit,
     )
 
 
 def _response_token_stats(graphdef, params, rest, batch, s: StepSettings, with_vocab: bool):
     return response_token_stats(
-        graphdef, params, rest, batch, s.temperature, s.logits_chunk_size, with_vocab
+        graphdef, params, rest, batch, s.temperature, s.logits_chunk_size, with_vocab, s.vocab_limit
     )
 
 

@@ -604,7 +604,10 @@ def build_rl_parts(config: Any, model: Any, task: Task, mesh: Any) -> RLParts:
     sampler = rollout_sampler(config, model, task)
     tx = ts.make_optimizer(config)
     graphdef, rest, state = ts.init_train_state(model, tx, with_reference=config.loss.kl_coef > 0)
-    settings = ts.StepSettings.from_config(config, num_groups=n_prompts)
+    # The loss's distribution is the sampler's: over the tokenizer's ids.
+    settings = ts.StepSettings.from_config(
+        config, num_groups=n_prompts, vocab_limit=int(task.tokenizer.vocab_size)
+    )
     step_fn = ts.TrainStep(
         graphdef, rest, tx, settings, ts.state_shardings(state), shd.batch_sharding(mesh)
     )

@@ -370,3 +370,46 @@ def test_values_the_log_probs_cannot_use_are_named():
         losses.logprobs_and_entropy_from_logits(jnp.ones((2, 3, 5)), t.at[0, 1].set(-1))
     traced = jax.jit(lambda temp: losses.token_logprobs_and_entropy(h, w, t, temp).logp)
     np.testing.assert_allclose(traced(2.0), np.log(1 / 5), rtol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [3, 64])
+def test_vocab_limit_equals_the_head_cut_to_the_tokenizer(chunk):
+    """vocab_limit = L on a [D, V] head is the distribution of the first L ids: the same
+    log-probs, entropy, vocab expectation and gradients as the head sliced to [D, L] (its padded
+    columns get no gradient), from hidden states and from logits, never NaN."""
+    k = jax.random.split(jax.random.key(11), 3)
+    rows, length, dim, vocab, limit = 3, 7, 16, 40, 29
+    h = jax.random.normal(k[0], (rows, length, dim))
+    w = jax.random.normal(k[1], (dim, vocab)).at[:, limit:].add(4.0)  # padded ids most likely
+    t = jax.random.randint(k[2], (rows, length), 0, limit)
+    temp = 0.7
+
+    def head_loss(h, w, limit, cut):
+        s = losses.token_logprobs_and_entropy(
+            h, w[:, :cut], t, temp, chunk, with_vocab_expectation=True, vocab_limit=limit
+        )
+        return jnp.sum(s.logp) + 0.3 * jnp.sum(s.entropy), s
+
+    (v1, s1), (gh1, gw1) = jax.value_and_grad(head_loss, (0, 1), has_aux=True)(h, w, limit, vocab)
+    (v2, s2), (gh2, gw2) = jax.value_and_grad(head_loss, (0, 1), has_aux=True)(h, w, None, limit)
+    for a, b in zip(s1, s2, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gh1, gh2, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gw1[:, :limit], gw2[:, :limit], rtol=1e-4, atol=1e-5)
+    assert np.all(np.asarray(gw1[:, limit:]) == 0) and np.all(np.isfinite(gw1))
+
+    logits = jnp.einsum("rtd,dv->rtv", h, w)
+    full = losses.logprobs_and_entropy_from_logits(logits, t, temp, chunk, True, vocab_limit=limit)
+    cut = losses.logprobs_and_entropy_from_logits(logits[..., :limit], t, temp, chunk, True)
+    for a, b in zip(full, cut, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    g = jax.grad(
+        lambda x: jnp.sum(
+            losses.logprobs_and_entropy_from_logits(x, t, temp, chunk, vocab_limit=limit).entropy
+        )
+    )(logits)
+    assert np.all(np.asarray(g[..., limit:]) == 0) and np.all(np.isfinite(g))
+    with pytest.raises(
+        ValueError, match=r"targets\[0, 0\] = 35 is outside the vocabulary \[0, 29\)"
+    ):
+        losses.token_logprobs_and_entropy(h, w, t.at[0, 0].set(35), temp, chunk, vocab_limit=limit)

@@ -364,3 +364,29 @@ def test_ids_past_the_tokenizer_are_never_sampled(model):
     r = s.generate(nnx.state(model), _prompts(rng, [4, 7]), [1, 2], [6, 6], jax.random.key(4))
     assert r.response_tokens[r.response_mask > 0].max() < limit
     _check_invariants(r, SPEC.max_new_tokens)
+
+
+def test_sampler_and_loss_give_the_same_log_probs_over_a_limited_vocabulary(model):
+    """The behaviour policy with vocab_limit is the distribution over the tokenizer's ids, and
+    the train step's log-probs with the same limit are its log-probs: the ratio of an unchanged
+    policy is 1, also where the model's vocabulary is padded past the tokenizer."""
+    from dynamo_jax import train_step as ts
+
+    limit = 100
+    s = Sampler(model, eos_ids=(EOS,), pad_id=PAD, spec=SPEC, vocab_limit=limit)
+    rng = np.random.default_rng(8)
+    state = nnx.state(model)
+    r = s.generate(
+        state, _prompts(rng, [5, 9, 3]), [1, 2, 3], [3, 2, 2], jax.random.key(9), temperature=0.8
+    )
+    batch = ts.batch_from_rollouts(
+        r.prompt_tokens, r.prompt_lengths, r.response_tokens, r.response_mask, pad_id=PAD
+    )
+    graphdef, params, rest = ts.split_model(model)
+    for vocab_limit, close in ((limit, True), (None, False)):
+        stats = ts.response_token_stats(
+            graphdef, params, rest, batch, 0.8, 4, vocab_limit=vocab_limit
+        )
+        mask = r.response_mask > 0
+        diff = np.abs(np.asarray(stats.logp)[mask] - r.response_logp[mask]).max()
+        assert (diff < 1e-4) == close, (vocab_limit, diff)
