@@ -111,7 +111,7 @@ def test_new_allocations_packed_into_calls_do_not_recompile():
     config.allocation.n_low, config.allocation.n_high = 2, 14
     config.sampling.max_rows_per_call = 32
     config.buckets.prompt_len = (8,)
-    tokenizer = SimpleNamespace(eos_ids=(3,), pad_id=0)
+    tokenizer = SimpleNamespace(eos_ids=(3,), pad_id=0, vocab_size=CFG.vocab_size)
     task = SimpleNamespace(tokenizer=tokenizer, max_new_tokens=4)
     model = init_model(CFG, 0)
     rng = np.random.default_rng(3)
