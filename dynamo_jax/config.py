@@ -352,7 +352,7 @@ def validate(config: Any, schema: Any = None) -> None:
         f"allocation.min_history = {get('allocation.min_history')} must be >= 2 "
         "(the variance needs two outcomes).",
     )
-    need(get("allocation.weight_exponent") > 0, "allocation.weight_exponent must be > 0.")
+    need(get("allocation.weight_exponent") >= 0, "allocation.weight_exponent must be >= 0.")
     need(get("allocation.min_weight") >= 0, "allocation.min_weight must be >= 0.")
     uw = get("allocation.unexplored_weight")
     need(uw is None or uw >= 0, f"allocation.unexplored_weight = {uw} must be >= 0 or None.")
@@ -369,15 +369,23 @@ def validate(config: Any, schema: Any = None) -> None:
         f"loss.clip_cov_high = {get('loss.clip_cov_high')}.",
     )
     need(get("loss.kl_cov_coef") >= 0, "loss.kl_cov_coef must be >= 0.")
+    cr, ir = get("advantage.correct_reward"), get("advantage.incorrect_reward")
     need(
-        get("advantage.correct_reward") != get("advantage.incorrect_reward"),
-        "advantage.correct_reward equals advantage.incorrect_reward: every advantage is 0.",
+        cr > ir,
+        f"advantage.correct_reward = {cr} must be above advantage.incorrect_reward = {ir} "
+        "(equal: every advantage is 0; below: RL would push towards wrong answers).",
     )
 
     need(get("modulation.alpha") >= 0, f"modulation.alpha = {get('modulation.alpha')} < 0.")
     lmin = get("modulation.lambda_min")
     need(0.0 <= lmin <= 1.0, f"modulation.lambda_min = {lmin} must be in [0, 1].")
     need(get("modulation.gamma") > 0, "modulation.gamma must be > 0.")
+    tau = get("modulation.tau")
+    need(
+        0.0 < tau <= 1.0,
+        f"modulation.tau = {tau} must be in (0, 1]: x = Xi / max Xi lies in [0, 1], so a tau "
+        "outside it damps every token alike (tau <= 0) or none (tau > 1).",
+    )
 
     eps_low, eps_high = get("loss.eps_low"), get("loss.eps_high")
     need(0.0 <= eps_low < 1.0, f"loss.eps_low = {eps_low} must be in [0, 1).")
@@ -440,6 +448,29 @@ def validate(config: Any, schema: Any = None) -> None:
     need(get("sft.eval_every") >= 1, f"sft.eval_every = {get('sft.eval_every')} must be >= 1.")
     need(get("eval.samples_per_prompt") >= 1, "eval.samples_per_prompt must be >= 1.")
     need(get("eval.num_prompts") >= 1, "eval.num_prompts must be >= 1.")
+    need(get("eval.pass_k") >= 1, f"eval.pass_k = {get('eval.pass_k')} must be >= 1.")
+    need(get("eval.every") >= 0, f"eval.every = {get('eval.every')} must be >= 0 (0: start/end).")
+    for field in ("optim.b1", "optim.b2"):
+        need(0.0 <= get(field) < 1.0, f"{field} = {get(field)} must be in [0, 1) (Adam).")
+    need(get("optim.eps") > 0, f"optim.eps = {get('optim.eps')} must be > 0.")
+    need(get("optim.weight_decay") >= 0, "optim.weight_decay must be >= 0.")
+    need(get("loss.entropy_coef") >= 0, "loss.entropy_coef must be >= 0 (a bonus; 0 = off).")
+    bad = [b for b in get("buckets.prompt_len") if b < 1]
+    need(not bad, f"buckets.prompt_len = {list(get('buckets.prompt_len'))}: lengths must be >= 1.")
+    for field in ("data.seed", "sft.seed"):
+        need(get(field) >= 0, f"{field} = {get(field)} must be >= 0.")
+    need(get("distributed.num_processes") >= 0, "distributed.num_processes must be >= 0 (0: auto).")
+    if get("data.task") == "arithmetic":
+        need(get("data.num_heldout") >= 1, "data.num_heldout must be >= 1 (the held-out set).")
+    if get("sft.steps") > 0:
+        need(get("sft.learning_rate") > 0, "sft.learning_rate must be > 0 when sft.steps > 0.")
+        if get("data.task") == "arithmetic":
+            need(
+                get("sft.num_examples") >= 1,
+                "sft.num_examples must be >= 1: the warm start would train on the RL prompts.",
+            )
+    ta = get("sft.target_accuracy")
+    need(0.0 <= ta <= 1.0, f"sft.target_accuracy = {ta} must be in [0, 1] (0: no early stop).")
 
     if errors:
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))

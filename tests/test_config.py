@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from dynamo_jax import config as cfg_lib
@@ -130,3 +132,42 @@ def test_sft_settings_that_cannot_run_are_rejected():
         cfg_lib.validate(c)
     for field in ("sft.steps = -5", "sft.batch_size = 0", "sft.eval_every = 0"):
         assert field in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("optim.b1", 1.0, "optim.b1 = 1.0 must be in [0, 1)"),
+        ("optim.b2", 1.5, "optim.b2 = 1.5 must be in [0, 1)"),
+        ("optim.eps", 0.0, "optim.eps = 0.0 must be > 0"),
+        ("optim.weight_decay", -0.1, "optim.weight_decay must be >= 0"),
+        ("loss.entropy_coef", -1e-3, "loss.entropy_coef must be >= 0"),
+        ("modulation.tau", 1.5, "modulation.tau = 1.5 must be in (0, 1]"),
+        ("modulation.tau", 0.0, "modulation.tau = 0.0 must be in (0, 1]"),
+        ("advantage.correct_reward", -2.0, "must be above advantage.incorrect_reward"),
+        ("data.num_heldout", 0, "data.num_heldout must be >= 1"),
+        ("sft.num_examples", 0, "sft.num_examples must be >= 1"),
+        ("sft.learning_rate", -3e-3, "sft.learning_rate must be > 0"),
+        ("sft.target_accuracy", 1.5, "sft.target_accuracy = 1.5 must be in [0, 1]"),
+        ("eval.pass_k", 0, "eval.pass_k = 0 must be >= 1"),
+        ("eval.every", -1, "eval.every = -1 must be >= 0"),
+        ("buckets.prompt_len", (0, 64), "lengths must be >= 1"),
+        ("data.seed", -1, "data.seed = -1 must be >= 0"),
+        ("distributed.num_processes", -1, "distributed.num_processes must be >= 0"),
+    ],
+)
+def test_values_that_cannot_work_are_rejected(field, value, message):
+    """Each passed validation before (an audit of every field): NaN updates (Adam betas, eps),
+    a setting silently ignored (negative entropy bonus) or inverted (rewards), no held-out set."""
+    c = cfg_lib.get_default_config()
+    c.data.task, c.sft.steps = "arithmetic", 10
+    section, name = field.rsplit(".", 1)
+    c[section][name] = value
+    with pytest.raises(cfg_lib.ConfigError, match=re.escape(message)):
+        cfg_lib.validate(c)
+
+
+def test_weight_exponent_zero_is_allowed():
+    c = cfg_lib.get_default_config()
+    c.allocation.weight_exponent = 0.0  # every explored prompt weighs the same (documented)
+    cfg_lib.validate(c)
