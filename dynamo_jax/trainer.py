@@ -216,7 +216,20 @@ def warm_start_fingerprint(config: Any) -> dict[str, Any]:
         flat.update(_flatten(config[section], section))
     for unused in ("model.path", "model.remat"):  # change nothing the warm start learned
         flat.pop(unused, None)
+    if config.sft.target_accuracy > 0:  # when it stops depends on how held-out accuracy is scored
+        everything = _flatten(config)
+        flat.update({key: everything[key] for key in _EARLY_STOP_FIELDS})
     return json.loads(json.dumps(flat))
+
+
+# The settings of the held-out accuracy that stops a warm start at sft.target_accuracy.
+_EARLY_STOP_FIELDS = (
+    "eval.num_prompts",
+    "eval.samples_per_prompt",
+    "eval.greedy",
+    "sampling.temperature",
+    "sampling.max_new_tokens",
+)
 
 
 def config_changes(saved_json: str, config: Any) -> list[str]:
@@ -238,7 +251,9 @@ def check_warm_start(sft_dir: str, fingerprint: dict[str, Any]) -> None:
     saved = json.load(open(path)).get("fingerprint") if os.path.exists(path) else None
     if saved is None:
         return  # made before fingerprints existed: nothing to compare
-    diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+    # A field the cache did not record (made before it was part of the fingerprint) is not
+    # held against it.
+    diff = sorted(k for k in saved if saved.get(k) != fingerprint.get(k))
     if diff:
         shown = ", ".join(f"{k}: cached {saved.get(k)!r}, now {fingerprint.get(k)!r}" for k in diff)
         raise RunError(

@@ -95,6 +95,33 @@ def test_cached_warm_start_must_match_the_config(tmp_path):
         check_warm_start(str(tmp_path), warm_start_fingerprint(c))
     assert "sft.label_noise: cached 0.3, now 0.0" in str(e.value)
     assert "model.architecture.hidden_size" in str(e.value) and "--workdir" in str(e.value)
+    # With an early stop at sft.target_accuracy, how held-out accuracy is scored decides when
+    # the warm start stopped: those settings are part of it (they were not).
+    c = arith_tiny.get_config()
+    assert c.sft.target_accuracy > 0
+    (tmp_path / "sft_summary.json").write_text(
+        json.dumps({"fingerprint": warm_start_fingerprint(c)})
+    )
+    for field, value in (
+        ("eval.num_prompts", 20),
+        ("sampling.temperature", 0.5),
+        ("eval.greedy", True),
+    ):
+        d = arith_tiny.get_config()
+        section, name = field.split(".")
+        d[section][name] = value
+        with pytest.raises(ValueError, match=rf"{field}: cached .*, now {value}"):
+            check_warm_start(str(tmp_path), warm_start_fingerprint(d))
+        d.sft.target_accuracy = 0.0  # no early stop: these settings do not matter
+        assert field not in warm_start_fingerprint(d)
+    # A cache made before these fields were recorded is still accepted.
+    old = {
+        k: v
+        for k, v in warm_start_fingerprint(c).items()
+        if not k.startswith(("eval.", "sampling."))
+    }
+    (tmp_path / "sft_summary.json").write_text(json.dumps({"fingerprint": old}))
+    check_warm_start(str(tmp_path), warm_start_fingerprint(c))
 
 
 def test_new_allocations_packed_into_calls_do_not_recompile():

@@ -1,16 +1,16 @@
 """A synthetic arithmetic task whose prompts differ in difficulty, with an exact verifier.
 
-Problems are `a op b =` for op in {+, -, *} on 1-3 digit operands. Difficulty comes from the
-operation and the operand sizes, so a small model solves some prompts always, some never and
-many sometimes: exactly the spread DynaMO's allocation is built for.
+Problems are `a op b =` for op in {+, -, *} on 1-2 digit operands (`DEFAULT_MIX`). Difficulty
+comes from the operation and the operand sizes, so a small model solves some prompts always, some
+never and many sometimes: exactly the spread DynaMO's allocation is built for.
 
 Answers are written least-significant digit first (`12+79=` -> `19`, i.e. 91 reversed): a carry
 then only depends on digits already written, which a tiny causal model learns in minutes on a
 CPU (with most-significant-first answers it needs far longer to get off the ground).
 
     train, heldout = make_splits(seed=0, num_train=2000, num_heldout=200)
-    record = train[0]            # {"id": "arith-train-00000", "prompt": "12+7=", "answer": "19"}
-    verify(["19", " 19 ", "20"], ["19", "19", "19"]) -> [True, True, False]
+    record = train[0]            # {"id": "arith-train-00000", "prompt": "12+7=", "answer": "91"}
+    verify(["91", " 91 ", "20"], ["91", "91", "91"]) -> [True, True, False]
 """
 
 from __future__ import annotations
