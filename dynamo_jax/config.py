@@ -546,22 +546,27 @@ def check_config_args(argv: list[str], flag: str = "config") -> None:
             fields.append(a.split("=", 1)[0].split(".", 1)[1])
     if spec is None:
         return  # absl reports the missing required flag
-    config = _as_dict(load_config_file(spec, flag))
-    names = _field_names(config)
-    known = [n for n in names if not isinstance(_lookup(config, n), Mapping)]  # leaves
-    errors = []
-    for name in fields:
-        node: Any = config
-        for part in name.split("."):
-            if not isinstance(node, Mapping) or part not in node:
-                close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-                hint = ", ".join(f"--{flag}.{c}" for c in close)
-                hint = f" Did you mean {hint}?" if close else ""
-                section = name.rsplit(".", 1)[0] if "." in name else ""
-                fields_here = sorted(_lookup(config, section)) if section in names else None
-                listing = f" Fields of {section}: {fields_here}." if fields_here else ""
-                errors.append(f"--{flag}.{name}: no such config field.{hint}{listing}")
-                break
-            node = node[part]
+    config = load_config_file(spec, flag)
+    errors = [f"--{flag}.{name}: {e}" for name in fields if (e := unknown_field(config, name))]
     if errors:
         raise ConfigError("\n".join(errors))
+
+
+def unknown_field(config: Any, name: str, prefix: str = "--config.") -> str | None:
+    """None when the dotted `name` is a field (or section) of `config`; otherwise "no such
+    config field" with the closest field names (written `prefix + name`) and the fields of
+    its section, for a message that names the flag."""
+    tree = _as_dict(config)
+    node: Any = tree
+    for part in name.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            names = _field_names(tree)
+            leaves = [n for n in names if not isinstance(_lookup(tree, n), Mapping)]
+            close = difflib.get_close_matches(name, leaves, n=3, cutoff=0.6)
+            hint = f" Did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+            section = name.rsplit(".", 1)[0] if "." in name else ""
+            fields_here = sorted(_lookup(tree, section)) if section in names else None
+            listing = f" Fields of {section}: {fields_here}." if fields_here else ""
+            return f"no such config field.{hint}{listing}"
+        node = node[part]
+    return None

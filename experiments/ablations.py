@@ -51,13 +51,11 @@ def check_configs(
         return f"--config {config_path}: cannot load it ({err}); give a config file path"
     tree = base.to_dict()
     for key, value in extra.items():
+        missing = config_lib.unknown_field(tree, key, prefix="--set ")
+        if missing:
+            return f"--set {key}={value}: {missing}"
         node: Any = tree
-        parts = key.split(".")
-        for i, part in enumerate(parts):
-            if not isinstance(node, dict) or part not in node:
-                where = ".".join(parts[:i]) or "the config"
-                known = f"; fields of {where}: {sorted(node)}" if isinstance(node, dict) else ""
-                return f"--set {key}={value}: {config_path} has no field {key!r}{known}"
+        for part in key.split("."):
             node = node[part]
         if isinstance(node, dict):
             return f"--set {key}={value}: {key} is a section; set one of its fields {sorted(node)}"
