@@ -38,7 +38,9 @@ from dynamo_jax import sharding as shd
 from dynamo_jax import train_step as ts
 from dynamo_jax.allocation import AllocationPolicy, PromptStats
 from dynamo_jax.data.iterator import PromptIterator
+from dynamo_jax.data.sources import DataError
 from dynamo_jax.metrics import MetricsWriter
+from dynamo_jax.models.config import UnsupportedConfigError
 from dynamo_jax.sampling import FINISH_LENGTH, Sampler
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -130,23 +132,16 @@ def build_task(config: Any, workdir: str) -> Task:
     raise ValueError(f"data.task = {config.data.task!r}: choose 'arithmetic' or 'math'.")
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from dynamo_jax.data.sources import DataError
-    from dynamo_jax.models.config import UnsupportedConfigError
-
-    return (
-        config_lib.ConfigError,
-        DataError,
-        UnsupportedConfigError,
-        RunError,
-        MemoryError,
-        FileNotFoundError,  # a model, tokenizer or data path (the message names it)
-    )
-
-
 # Errors whose message names the field, file or row and what to do: entry points print the
 # message alone (a traceback would bury it).
-USER_ERRORS = _user_errors()
+USER_ERRORS = (
+    config_lib.ConfigError,
+    DataError,
+    UnsupportedConfigError,
+    RunError,
+    MemoryError,
+    FileNotFoundError,  # a model, tokenizer or data path (the message names it)
+)
 
 
 def check_task_fits(config: Any, task: Task, log: Callable[[str], None]) -> None:
@@ -637,6 +632,19 @@ def build_rl_parts(config: Any, model: Any, task: Task, mesh: Any) -> RLParts:
     )
 
 
+def _changed_settings(host: dict[str, Any], config: Any) -> list[str]:
+    """`config_changes` against the config a checkpoint's host state recorded ([] if none)."""
+    return config_changes(host["config"], config) if "config" in host else []
+
+
+def _cannot_resume(reason: str, changed: list[str]) -> RunError:
+    return RunError(
+        f"Cannot resume: {reason}. The settings that differ from the checkpoint's:\n  "
+        + ("\n  ".join(changed) or "(none recorded)")
+        + "\nResume with the checkpoint's settings for these, or use another --workdir."
+    )
+
+
 def is_main_process() -> bool:
     """Process 0 of a multi-process run (the one that writes metrics, summaries and logs)."""
     return jax.process_index() == 0
@@ -657,7 +665,7 @@ def train(
         d.num_processes or None,
         d.process_id if d.process_id >= 0 else None,
     )
-    is_main = jax.process_index() == 0
+    is_main = is_main_process()
     log = log or (lambda msg: print(msg, flush=True) if is_main else None)
     m = config.mesh
     try:
@@ -685,36 +693,24 @@ def train(
         restored = checkpointer.restore_latest(state)
     except ckpt_lib.StateMismatchError as err:
         host = checkpointer.host_state(checkpointer.latest_step())
-        changed = config_changes(host["config"], config) if "config" in host else []
-        raise RunError(
-            f"Cannot resume: {err}. The settings that differ from the checkpoint's:\n  "
-            + ("\n  ".join(changed) or "(none recorded)")
-            + "\nResume with the checkpoint's settings for these, or use another --workdir."
-        ) from None
+        raise _cannot_resume(str(err), _changed_settings(host, config)) from None
     if restored is not None:
         state, host = restored
+        changed = _changed_settings(host, config)
         start_step = int(host["step"])
         stats = PromptStats.from_state_dict(host["prompt_stats"])
         policy.load_state_dict(host["allocation_policy"])
         try:
             iterator.restore(host["iterator"])
         except ValueError as err:  # the checkpoint's data order is over other prompts
-            changed = config_changes(host["config"], config) if "config" in host else []
-            data = [c for c in changed if c.startswith("data.")] or ["(none recorded)"]
-            raise RunError(
-                f"Cannot resume: the checkpoint's data iterator does not fit this run's training "
-                f"data ({err}). Data settings that differ from the checkpoint's:\n  "
-                + "\n  ".join(data)
-                + "\nResume with the checkpoint's data, or use another --workdir."
-            ) from None
+            reason = f"the checkpoint's data iterator does not fit this run's training data ({err})"
+            raise _cannot_resume(reason, [c for c in changed if c.startswith("data.")]) from None
         log(f"resumed from {checkpointer.directory} at step {start_step}")
-        if "config" in host:
-            changed = config_changes(host["config"], config)
-            if changed:
-                log(
-                    "resuming with settings that differ from the checkpoint's (the run goes on "
-                    "with the new ones):\n  " + "\n  ".join(changed)
-                )
+        if changed:
+            log(
+                "resuming with settings that differ from the checkpoint's (the run goes on "
+                "with the new ones):\n  " + "\n  ".join(changed)
+            )
 
     key = jax.random.key(config.seed)
     eval_seed_key = key if config.eval.seed < 0 else jax.random.key(config.eval.seed)
