@@ -552,6 +552,15 @@ def check_config_args(argv: list[str], flag: str = "config") -> None:
         raise ConfigError("\n".join(errors))
 
 
+def exit_on_bad_command_line(argv: list[str]) -> None:
+    """`check_config_args` for an entry point: a missing config file or a misspelled
+    --config.<field> exits with its one-line message instead of absl's traceback."""
+    try:
+        check_config_args(argv)
+    except ConfigError as err:
+        raise SystemExit(str(err)) from None
+
+
 def unknown_field(config: Any, name: str, prefix: str = "--config.") -> str | None:
     """None when the dotted `name` is a field (or section) of `config`; otherwise "no such
     config field" with the closest field names (written `prefix + name`) and the fields of

@@ -67,8 +67,5 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     from dynamo_jax import config as config_lib
 
-    try:  # a missing config file or a misspelled --config.<field>: one line, not a traceback
-        config_lib.check_config_args(sys.argv)
-    except config_lib.ConfigError as err:
-        sys.exit(str(err))
+    config_lib.exit_on_bad_command_line(sys.argv)
     app.run(main)
