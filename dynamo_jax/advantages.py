@@ -41,17 +41,26 @@ def group_statistics(
       num_groups: static number of groups.
     A group whose rewards are all equal gets exactly that mean and std 0.
     """
-    count, shift, mean_c, std, _ = _centered_statistics(rewards, group_ids, valid, num_groups)
-    return GroupStats(count=count, mean=shift + mean_c, std=std)
+    c = _centered_statistics(rewards, group_ids, valid, num_groups)
+    return GroupStats(count=c.count, mean=c.shift + c.mean, std=c.std)
 
 
-def _centered_statistics(rewards, group_ids, valid, num_groups):
+class _Centered(NamedTuple):
+    count: jax.Array  # [num_groups] valid rows per group
+    shift: jax.Array  # [num_groups] the group's largest valid reward (0 if empty)
+    mean: jax.Array  # [num_groups] mean reward - shift
+    std: jax.Array  # [num_groups] ddof=1 (0 below 2 rows)
+    rewards: jax.Array  # [rows] reward - its group's shift (0 on padding)
+    valid: jax.Array  # [rows] valid and the group id in range
+    gid: jax.Array  # [rows] group id clipped into range (for gathers)
+
+
+def _centered_statistics(rewards, group_ids, valid, num_groups) -> _Centered:
     """Group statistics of the rewards measured from each group's largest valid reward.
 
-    Returns (count, shift, mean_c, std, centered): [num_groups] arrays and the rows' centered
-    rewards [rows] (0 on padding), with mean = shift + mean_c. Centering makes a group of equal
-    rewards exactly constant (all 0): a float32 mean of, say, 24 rewards of 0.1 is off by an
-    ulp, which the GRPO division by (std + 1e-6) would blow up into advantages of ~0.01."""
+    Centering makes a group of equal rewards exactly constant (all 0): a float32 mean of, say,
+    24 rewards of 0.1 is off by an ulp, which the GRPO division by (std + 1e-6) would blow up
+    into advantages of ~0.01. A valid row whose id is out of range counts as padding."""
     valid = valid & (group_ids >= 0) & (group_ids < num_groups)
     w = valid.astype(jnp.float32)
     ids = jnp.where(valid, group_ids, num_groups)  # out of range: dropped by the segment ops
@@ -67,7 +76,7 @@ def _centered_statistics(rewards, group_ids, valid, num_groups):
     centered = jnp.where(valid, c - mean_c[gid], 0.0)
     var = seg(centered * centered) / jnp.maximum(count - 1.0, 1.0)
     std = jnp.where(count >= 2, jnp.sqrt(var), 0.0)
-    return count, shift, mean_c, std, c
+    return _Centered(count, shift, mean_c, std, c, valid, gid)
 
 
 def group_advantages(
@@ -137,12 +146,11 @@ def _group_advantages(
         raise ValueError(f"advantage estimator {estimator!r}; choose one of {ESTIMATORS}.")
     if estimator == "w_reinforce":  # no group baseline: the ids play no part
         return baselines.w_reinforce_advantages(rewards, valid, positive_weight)
-    valid = valid & (group_ids >= 0) & (group_ids < num_groups)  # out of range: padding
-    count, _, mean, std, r = _centered_statistics(rewards, group_ids, valid, num_groups)
-    gid = jnp.clip(group_ids, 0, num_groups - 1)
+    c = _centered_statistics(rewards, group_ids, valid, num_groups)  # out of range: padding
     # r and mean are measured from the group's largest reward: the differences are the same,
     # and a group of equal rewards gets exactly 0.
-    count, mean, std = count[gid], mean[gid], std[gid]
+    r, valid = c.rewards, c.valid
+    count, mean, std = c.count[c.gid], c.mean[c.gid], c.std[c.gid]
     if estimator == "grpo":
         adv = (r - mean) / (std + eps)
     elif estimator == "dr_grpo":
