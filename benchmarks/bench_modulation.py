@@ -6,11 +6,18 @@ of `modulate_advantages` + `policy_loss` against `policy_loss` alone, jitted, on
 
     python benchmarks/bench_modulation.py --rows 4096 --tokens 1024
     python benchmarks/bench_modulation.py --step     # also: a whole train-step update, on vs off
+    python benchmarks/bench_modulation.py --profile --hlo   # device time from a profiler trace
+                                                            # and XLA's kernels (on a GPU)
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import gzip
+import json
+import re
+import tempfile
 import time
 
 import jax
@@ -51,6 +58,18 @@ def main() -> None:
     )
     parser.add_argument(
         "--head", action="store_true", help="also compare with the LM head in the graph"
+    )
+    parser.add_argument(
+        "--hlo",
+        action="store_true",
+        help="also print, per function, the kernels of XLA's compiled program and how many "
+        "[rows, tokens] arrays each writes (the passes over memory)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also measure each function's time on the device from a profiler trace (the sum "
+        "of its kernels' durations per call), free of the host's dispatch time",
     )
     parser.add_argument("--head_rows", type=int, default=32)
     parser.add_argument("--head_tokens", type=int, default=256)
@@ -114,6 +133,24 @@ def main() -> None:
     t = timeit_interleaved(
         fns, logp, entropy, old_logp, adv, mask, e_vocab, repeats=args.repeats, chain=args.chain
     )
+    if args.hlo:
+        args_ = (logp, entropy, old_logp, adv, mask, e_vocab)
+        for name, fn in fns.items():
+            print_kernels(name, fn, args_, (rows, length))
+    if args.profile:
+        args_ = (logp, entropy, old_logp, adv, mask, e_vocab)
+        # A function that does almost nothing with the same arguments: the floor that the
+        # host's dispatch sets under the wall-clock timings above.
+        fns_p = dict(fns, dispatch_floor=jax.jit(lambda lp, *_: lp[0, 0] + 1.0))
+        busy = profile_device_time(fns_p, args_, calls=max(args.chain, 10))
+        if busy["loss"] > 0:
+            print(
+                f"modulation overhead in device time: "
+                f"{100 * (busy['sequence'] / busy['loss'] - 1):.1f}% (sequence), "
+                f"{100 * (busy['vocab'] / busy['loss'] - 1):.1f}% (vocab); the wall-clock "
+                f"timings below are bound by the host's dispatch where dispatch_floor's wall "
+                f"time is close to the loss's\n"
+            )
     t_loss, t_mod, t_voc = t["loss"], t["sequence"], t["vocab"]
     print(
         f"device: {jax.devices()[0].device_kind}, rows={rows}, tokens={length}, "
@@ -154,6 +191,96 @@ def main() -> None:
         )
     if args.step:
         step_comparison(args)
+
+
+def profile_device_time(fns: dict, args: tuple, calls: int) -> dict[str, float]:
+    """Per function: wall time per call of `calls` chained calls; the device's busy time per
+    call (the summed durations of the kernels in a profiler trace); and the span per call
+    (first kernel's start to last kernel's end: busy time plus the gaps between the call's
+    kernels). Where the trace has no device timeline (a CPU backend), only the wall time."""
+    out = {}
+    print(
+        f"\n{'profiled (per call)':28s} {'wall ms':>9s} {'device ms':>10s} {'span ms':>9s} "
+        f"{'kernels':>8s}"
+    )
+    for name, fn in fns.items():
+        jax.block_until_ready(fn(*args))
+        with tempfile.TemporaryDirectory() as log_dir:
+            with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+                t0 = time.perf_counter()
+                jax.block_until_ready([fn(*args) for _ in range(calls)])
+                wall = (time.perf_counter() - t0) / calls
+            (path,) = glob.glob(f"{log_dir}/**/perfetto_trace.json.gz", recursive=True)
+            with gzip.open(path) as f:
+                trace = json.load(f)
+        events = trace["traceEvents"] if isinstance(trace, dict) else trace
+        processes, threads = {}, {}
+        for e in events:
+            if e.get("ph") == "M" and e.get("name") == "process_name":
+                processes[e["pid"]] = e["args"]["name"]
+            if e.get("ph") == "M" and e.get("name") == "thread_name":
+                threads[(e["pid"], e["tid"])] = e["args"]["name"]
+        device_pids = {pid for pid, n in processes.items() if "/device:" in n}
+        busy, kernels, lines, by_kernel, spans = 0.0, 0, {}, {}, []
+        for e in events:
+            if e.get("ph") != "X" or e.get("pid") not in device_pids:
+                continue
+            line = threads.get((e["pid"], e["tid"]), "?")
+            count, total = lines.get(line, (0, 0.0))
+            lines[line] = (count + 1, total + float(e.get("dur", 0.0)))
+            if line.startswith("Stream"):
+                busy += float(e.get("dur", 0.0)) * 1e-6  # trace times are in microseconds
+                kernels += 1
+                by_kernel[e["name"]] = by_kernel.get(e["name"], 0.0) + float(e.get("dur", 0.0))
+                spans.append((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))))
+        # Each call runs the same kernels in the same order on one stream: group them per call
+        # and take first start -> last end, which adds the gaps between a call's kernels.
+        per_call = kernels // calls if kernels % calls == 0 else 0
+        spans.sort()
+        span = (
+            sum(spans[i + per_call - 1][1] - spans[i][0] for i in range(0, len(spans), per_call))
+            * 1e-6
+            / calls
+            if per_call
+            else float("nan")
+        )
+        device = (
+            f"{busy / calls * 1e3:10.4f} {span * 1e3:9.4f}" if kernels else f"{'n/a':>10s} {'':9s}"
+        )
+        print(f"{name:28s} {wall * 1e3:9.4f} {device} {kernels / calls:8.1f}")
+        if name == "loss":
+            for line, (count, total) in sorted(lines.items()):
+                print(f"   device timeline {line!r}: {count} events, {total / calls:.1f} us/call")
+        if by_kernel and name in ("loss", "sequence"):
+            top = sorted(by_kernel.items(), key=lambda kv: -kv[1])
+            print("   " + ", ".join(f"{k} {v / calls:.1f} us" for k, v in top))
+        out[name] = busy / calls
+    return out
+
+
+def print_kernels(name: str, fn, args: tuple, full_shape: tuple[int, int]) -> None:
+    """The top-level instructions of XLA's optimised program (one kernel each, bar tuples,
+    parameters, constants and bitcasts) and the full [rows, tokens] arrays they write (a
+    multi-output fusion may write several)."""
+    text = fn.lower(*args).compile().as_text()
+    entry = text[text.index("ENTRY") :]
+    entry = entry[: entry.index("\n}")]
+    full = f"[{full_shape[0]},{full_shape[1]}]"
+    kernels, writes = [], []
+    for line in entry.splitlines()[1:]:
+        line = line.strip()
+        found = re.match(r"(?:ROOT )?%?(\S+) = (.*?)\s([a-z][\w.-]*)\(", line)
+        if not found:
+            continue
+        lhs, out_type, op = found.groups()
+        if op in ("parameter", "constant", "tuple", "bitcast", "get-tuple-element"):
+            continue
+        kernels.append(f"{lhs}:{op}")
+        for dtype in re.findall(r"(\w+)" + re.escape(full), out_type):
+            writes.append(f"{lhs}:{dtype}")
+    print(f"[hlo] {name}: {len(kernels)} kernels, {len(writes)} {full} arrays written")
+    print("   kernels: " + ", ".join(kernels))
+    print("   full-size writes: " + ", ".join(writes))
 
 
 def head_comparison(

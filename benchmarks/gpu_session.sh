@@ -9,6 +9,8 @@
 #   sweep:      more seeds ($SWEEP_SEEDS) of the ablation sweep of issue 6 on the GPU, after a
 #               3-step smoke run; if JAX's GPU path fails, the sweep runs on the CPU cores instead
 #               (seeds 3-5 were run on 2026-11-27: docs/RESULTS.md);
+#   trainstep:  the RL step benchmark (benchmarks/bench_train_step.py, embedded workload): per-phase
+#               times and the count of compilations over changing allocations (target 0);
 #   sampler:    our sampler's throughput on the GPU (no PyTorch baseline there) if time is left.
 # Results land in $OUT (sweep metrics as a tarball). Usage on the device:
 #   bash benchmarks/gpu_session.sh                 # or STEPS=sweep bash benchmarks/gpu_session.sh
@@ -37,12 +39,18 @@ fi
 if want modulation; then
   echo "== modulation benchmark ($(left)s left)"
   timeout 200 python3 benchmarks/bench_modulation.py --rows 4096 --tokens 1024 --repeats 20 \
-    --chain 50 --head --step 2>&1 | tee "$OUT/modulation_gpu.txt"
+    --chain 50 --profile --head --step 2>&1 | tee "$OUT/modulation_gpu.txt"
 fi
 if want head; then
   echo "== LM-head gradient benchmark ($(left)s left)"
   timeout 150 python3 benchmarks/bench_head.py --repeats 10 --chain 5 \
     --shapes peer,qwen0.5b,qwen0.5b_8k 2>&1 | tee "$OUT/head_gpu.txt"
+fi
+
+if want trainstep; then
+  echo "== train-step benchmark ($(left)s left)"
+  timeout 150 python3 benchmarks/bench_train_step.py --workloads embedded --steps 30 \
+    --no-xla-cost 2>&1 | tee "$OUT/train_step_gpu.txt"
 fi
 
 if want sweep; then
