@@ -509,6 +509,38 @@ def aggregate(
     }
 
 
+def paired_difference(
+    values: Mapping[int, float], reference: Mapping[int, float]
+) -> dict[str, float]:
+    """Mean difference values - reference over the seeds both have, paired by seed (a seed
+    shares its warm start and its data order across variants), with its standard error
+    std(d, ddof=1) / sqrt(n), the paired t statistic, its two-sided p-value (Student's t with
+    n - 1 degrees of freedom) and how many seeds are below the reference. Fewer than two
+    common seeds: the s.e., t and p are NaN. No correction for multiple comparisons."""
+    from scipy import stats
+
+    seeds = sorted(set(values) & set(reference))
+    d = np.array([values[s] - reference[s] for s in seeds], np.float64)
+    out = {
+        "n": float(d.size),
+        "mean": float(d.mean()) if d.size else float("nan"),
+        "se": float("nan"),
+        "t": float("nan"),
+        "p": float("nan"),
+        "below": float(np.sum(d < 0)),
+    }
+    if d.size > 1:
+        se = float(d.std(ddof=1) / np.sqrt(d.size))
+        out["se"] = se
+        if se > 0:
+            out["t"] = float(d.mean() / se)
+            out["p"] = float(2 * stats.t.sf(abs(out["t"]), d.size - 1))
+        else:
+            out["t"] = 0.0 if d.mean() == 0 else float(np.sign(d.mean()) * np.inf)
+            out["p"] = 1.0 if d.mean() == 0 else 0.0
+    return out
+
+
 def _tfrecords(path: str) -> Iterable[bytes]:
     with open(path, "rb") as f:
         while True:
@@ -801,7 +833,12 @@ def controlled_allocation_experiment(
             "stderr": se,
         }
         if name in over_histories and over_histories[name]:
-            rows[name]["analytic_mean_over_histories"] = float(np.mean(over_histories[name]))
+            v = np.asarray(over_histories[name])
+            rows[name]["analytic_mean_over_histories"] = float(v.mean())
+            # Monte Carlo standard error of that mean (NaN with a single history)
+            rows[name]["analytic_se_over_histories"] = (
+                float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else float("nan")
+            )
     return {
         "p_correct": p,
         "sigma2": sigma2,
@@ -823,28 +860,58 @@ def controlled_vs_history(
 ) -> dict[str, np.ndarray]:
     """Analytic variance relative to uniform, averaged over simulated histories, of the
     history-based rules as the history per prompt grows (`controlled_allocation_experiment`'s
-    other arguments pass through; empirical draws are skipped)."""
-    kwargs = {"draws": 2, "history_draws": 100, **kwargs}
-    out: dict[str, list[float]] = {"history": list(histories)}
+    other arguments pass through, with the same number of histories by default, so the value
+    at its history equals its table's; empirical draws are skipped). Returns {"history": [...],
+    rule: ratios, ..., "se": {rule: Monte Carlo standard errors of the ratios}}."""
+    kwargs = {"draws": 2, **kwargs}
+    out: dict[str, Any] = {"history": list(histories), "se": {}}
     for h in histories:
         r = controlled_allocation_experiment(history=h, **kwargs)
         uni = r["allocations"]["uniform"]["analytic"]
         for name, row in r["allocations"].items():
             v = row.get("analytic_mean_over_histories", row["analytic"])
             out.setdefault(name, []).append(v / uni)
-    return {k: np.asarray(v) for k, v in out.items()}
+            out["se"].setdefault(name, []).append(row.get("analytic_se_over_histories", 0.0) / uni)
+    return {
+        k: ({kk: np.asarray(vv) for kk, vv in v.items()} if k == "se" else np.asarray(v))
+        for k, v in out.items()
+    }
+
+
+def controlled_vs_history_table(curves: Mapping[str, Any]) -> str:
+    """Markdown table of `controlled_vs_history` for the history-based rules: the variance
+    relative to uniform +- its Monte Carlo standard error, per history length."""
+    names = [n for n in ("variance", "variance_sqrt", "official") if n in curves]
+    hist = [int(h) for h in curves["history"]]
+    lines = [
+        "| history per prompt | " + " | ".join(str(h) for h in hist) + " |",
+        "|---|" + "---|" * len(hist),
+    ]
+    for n in names:
+        se = curves.get("se", {}).get(n, np.zeros(len(hist)))
+        cells = [f"{v:.3f} +- {e:.3f}" for v, e in zip(curves[n], se, strict=True)]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot_controlled_vs_history(curves: Mapping[str, np.ndarray], path: str | None = None):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for name, y in curves.items():
-        if name != "history":
-            ax.plot(curves["history"], y, marker="o", ms=3, label=name)
+        if name not in ("history", "se"):
+            ax.errorbar(
+                curves["history"],
+                y,
+                yerr=2 * np.asarray(curves.get("se", {}).get(name, np.zeros_like(y))),
+                marker="o",
+                ms=3,
+                capsize=2,
+                label=name,
+            )
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("history: rollouts seen per prompt")
-    ax.set_ylabel("Var(g_hat) / Var(uniform)")
+    ax.set_ylabel("Var(g_hat) / Var(uniform), +- 2 s.e.")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -876,9 +943,11 @@ def controlled_table(result: Mapping[str, Any]) -> str:
     ]
     for name, r in result["allocations"].items():
         mh = r.get("analytic_mean_over_histories")
+        se = r.get("analytic_se_over_histories", float("nan"))
         lines.append(
             f"| {name} | {r['analytic']:.4g} | {r['empirical']:.4g} +- {r['stderr']:.2g} "
-            f"| {r['analytic'] / uni:.3f} | {'' if mh is None else f'{mh / uni:.3f}'} |"
+            f"| {r['analytic'] / uni:.3f} "
+            f"| {'' if mh is None else f'{mh / uni:.3f} +- {se / uni:.3f}'} |"
         )
     for name in ("continuous_optimum", "unbounded_optimum"):
         v = result[name]
@@ -1465,9 +1534,11 @@ def plot_zero_variance(
 def plot_allocation_histogram(
     hists: Mapping[int, np.ndarray], n_max: int, path: str | None = None, title: str = ""
 ):
-    """Heat map: x = step, y = group size n, colour = prompts that got n rollouts."""
+    """Heat map: x = step, y = group size n, colour = prompts that got n rollouts. The x axis
+    counts steps done (step index + 1), as `series` and every other plot do."""
     plt = _plt()
     steps, mat = allocation_matrix(hists, n_max)
+    steps = steps + 1
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
     if steps.size:
         im = ax.imshow(

@@ -79,6 +79,68 @@ def sweep_tables(sweep, rollouts_per_step: int, first_epoch_steps: int | None) -
     return "\n".join(lines)
 
 
+def _window_means(runs, window) -> dict[int, float]:
+    """Per seed: the mean held-out accuracy over the evaluation steps in `window`."""
+    out = {}
+    for seed, r in runs.items():
+        curve = dict(zip(*analysis.series(r["metrics"], "eval_accuracy"), strict=True))
+        if all(x in curve for x in window):
+            out[int(seed)] = float(np.mean([curve[x] for x in window]))
+    return out
+
+
+# Each variant against GRPO, and the variants that share DynaMO's eps_high 0.28 also against the
+# clip-higher control (GRPO with that clip), which separates the mechanisms from the wider clip.
+PAIRED_REFERENCES = {
+    "grpo": ("dynamo", "alloc_only", "modulation_only", "comp_only", "stab_only", "clip_higher"),
+    "clip_higher": ("dynamo", "alloc_only", "modulation_only", "comp_only", "stab_only"),
+}
+
+
+def paired_table(sweep) -> str:
+    """Differences of held-out accuracy to a reference variant, paired by seed: at the end of
+    training and over the last 3 evaluation steps every run of both has. Mean +- standard error
+    of the paired difference, the two-sided paired-t p-value (no correction for the number of
+    comparisons) and how many seeds are below the reference."""
+    lines = [
+        "| variant | against | seeds | after training: difference +- s.e. (p) | below "
+        "| last 3 evals: difference +- s.e. (p), steps | below |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for ref, variants in PAIRED_REFERENCES.items():
+        if ref not in sweep:
+            continue
+        ref_after = {
+            int(s): r["summary"]["heldout_accuracy_after"]
+            for s, r in sweep[ref].items()
+            if r["summary"].get("heldout_accuracy_after") is not None
+        }
+        for v in variants:
+            if v not in sweep:
+                continue
+            after = {
+                int(s): r["summary"]["heldout_accuracy_after"]
+                for s, r in sweep[v].items()
+                if r["summary"].get("heldout_accuracy_after") is not None
+            }
+            _, window = last_common_evals([*sweep[v].values(), *sweep[ref].values()])
+            end = analysis.paired_difference(after, ref_after)
+            late = analysis.paired_difference(
+                _window_means(sweep[v], window), _window_means(sweep[ref], window)
+            )
+
+            def cell(d):
+                return f"{d['mean']:+.4f} +- {d['se']:.4f} (p {d['p']:.3f})"
+
+            lines.append(
+                f"| {analysis.VARIANT_LABELS.get(v, v)} | {analysis.VARIANT_LABELS.get(ref, ref)} "
+                f"| {int(end['n'])} | {cell(end)} | {int(end['below'])} of {int(end['n'])} "
+                f"| {cell(late)}, {', '.join(str(int(x)) for x in window)} "
+                f"| {int(late['below'])} of {int(late['n'])} |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", required=True, help="sweep directory (from experiments.ablations)")
@@ -161,12 +223,14 @@ def main(argv: list[str] | None = None) -> int:
                     dest(f"allocation_{v}.png"),
                     f"{analysis.VARIANT_LABELS[v]}, seed {seed}: prompts per group size",
                 )
-        table = sweep_tables(sweep, B, epoch)
+        table = sweep_tables(sweep, B, epoch) + "\n\n" + paired_table(sweep)
         md["sweep"] = table
         results["sweep"] = {
             v: {
                 str(s): {
                     "summary": r["summary"],
+                    # the steps too: seeds were evaluated at different intervals
+                    "eval_steps": analysis.series(r["metrics"], "eval_accuracy")[0].tolist(),
                     "eval": analysis.series(r["metrics"], "eval_accuracy")[1].tolist(),
                 }
                 for s, r in runs.items()
@@ -181,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         curves = analysis.controlled_vs_history(seed=args.seed)
         analysis.plot_controlled_vs_history(curves, dest("controlled_vs_history.png"))
         results["controlled_vs_history"] = analysis.to_jsonable(curves)
-        table = analysis.controlled_table(r)
+        table = analysis.controlled_table(r) + "\n\n" + analysis.controlled_vs_history_table(curves)
         md["controlled"] = table
         results["controlled"] = analysis.to_jsonable(r)
         print(table)

@@ -268,6 +268,51 @@ def test_load_sweep_aggregate_and_allocation_histograms(tmp_path):
         assert os.path.getsize(path) > 1000
 
 
+def test_allocation_heat_map_counts_steps_done_like_the_other_plots():
+    """metrics.jsonl steps are 0-based; `series` (every other plot) puts step s at x = s + 1.
+    The heat map's column for step index 0 must sit at x = 1, not 0."""
+    hists = {s: np.array([4, 8, 12]) for s in range(3)}
+    fig = A.plot_allocation_histogram(hists, 16)
+    x0, x1, _, _ = fig.axes[0].images[0].get_extent()
+    assert (x0, x1) == (0.5, 3.5)
+    assert A.series([{"step": 0, "k": 1.0}], "k")[0].tolist() == [1.0]
+
+
+def test_paired_difference_is_the_paired_t_test():
+    rng = np.random.default_rng(0)
+    ref = {s: float(v) for s, v in enumerate(rng.normal(0.45, 0.02, 6))}
+    val = {s: ref[s] - 0.01 + float(rng.normal(0, 0.005)) for s in ref}
+    val[9] = 0.9  # a seed the reference lacks: not paired, so ignored
+    d = A.paired_difference(val, ref)
+    seeds = sorted(ref)
+    expected = scipy.stats.ttest_rel([val[s] for s in seeds], [ref[s] for s in seeds])
+    assert d["n"] == 6
+    assert d["t"] == pytest.approx(expected.statistic)
+    assert d["p"] == pytest.approx(expected.pvalue)
+    diffs = np.array([val[s] - ref[s] for s in seeds])
+    assert d["mean"] == pytest.approx(diffs.mean())
+    assert d["se"] == pytest.approx(diffs.std(ddof=1) / np.sqrt(6))
+    assert d["below"] == int((diffs < 0).sum())
+    one = A.paired_difference({0: 0.5}, {0: 0.4})
+    assert one["mean"] == pytest.approx(0.1) and np.isnan(one["se"]) and np.isnan(one["p"])
+
+
+def test_controlled_vs_history_agrees_with_the_main_table():
+    """The curve at the table's history length is the same number as the table's "mean over
+    histories" column (it used to average half as many histories), and both carry a Monte
+    Carlo standard error."""
+    r = A.controlled_allocation_experiment(history=16, draws=2)  # the defaults, as the report
+    curves = A.controlled_vs_history(histories=(16,))
+    uni = r["allocations"]["uniform"]["analytic"]
+    for name in ("variance", "variance_sqrt", "official"):
+        row = r["allocations"][name]
+        assert curves[name][0] == pytest.approx(row["analytic_mean_over_histories"] / uni)
+        assert curves["se"][name][0] == pytest.approx(row["analytic_se_over_histories"] / uni)
+        assert row["analytic_se_over_histories"] > 0
+    assert "+- " in A.controlled_vs_history_table(curves)
+    assert A.controlled_vs_history()["history"].tolist() == [4, 8, 16, 32, 64, 256]
+
+
 def test_smooth():
     np.testing.assert_allclose(A.smooth(np.array([1.0, 3.0, 5.0]), 2), [1.0, 2.0, 4.0])
 
@@ -338,6 +383,8 @@ def test_report_cli_controlled_part(tmp_path):
     assert "| oracle |" in (tmp_path / "report_controlled.md").read_text()
     data = json.load(open(tmp_path / "results.json"))
     assert data["controlled_vs_history"]["history"][0] == 4
+    assert set(data["controlled_vs_history"]["se"]) >= {"variance", "official"}
+    assert "| history per prompt | 4 |" in (tmp_path / "report_controlled.md").read_text()
 
 
 def test_ablations_cli_rejects_unknown_variants(tmp_path, capsys):
@@ -500,3 +547,33 @@ def test_report_averages_the_last_evals_every_seed_has():
         None,
     )
     assert "| 0.300 (steps 200, 250, 300) |" in table
+
+
+def test_report_pairs_each_variant_with_grpo_by_seed():
+    """The paired table: per-seed differences to GRPO (end of training and the last 3 common
+    evaluations), their standard error and p-value, and the count of seeds below."""
+    from experiments import report
+
+    def run(offset, seed):
+        return {
+            "metrics": [
+                {"step": s - 1, "eval_accuracy": 0.3 + s / 1000 + offset + seed / 100}
+                for s in range(50, 301, 50)
+            ],
+            "summary": {"heldout_accuracy_after": 0.6 + offset + seed / 100},
+        }
+
+    offsets = {0: -0.010, 1: -0.012, 2: -0.008}
+    sweep = {
+        "grpo": {s: run(0.0, s) for s in range(3)},
+        "dynamo": {s: run(offsets[s], s) for s in range(3)},
+    }
+    table = report.paired_table(sweep)
+    row = next(line for line in table.splitlines() if line.startswith("| DynaMO | GRPO"))
+    d = A.paired_difference(
+        {s: sweep["dynamo"][s]["summary"]["heldout_accuracy_after"] for s in range(3)},
+        {s: sweep["grpo"][s]["summary"]["heldout_accuracy_after"] for s in range(3)},
+    )
+    assert d["mean"] == pytest.approx(-0.010)
+    assert f"{d['mean']:+.4f} +- {d['se']:.4f} (p {d['p']:.3f})" in row
+    assert "| 3 of 3 |" in row and "200, 250, 300" in row
