@@ -328,8 +328,11 @@ def build_model(config: Any, task: Task, workdir: str, mesh: Any, log: Callable[
         )
         summary["sft_seconds"] = time.perf_counter() - t0
         summary["fingerprint"] = fingerprint
+        # Every process: the save gathers each tensor across processes (a collective that
+        # would block process 0 forever if it ran alone while the parameters are split over
+        # processes); only process 0 writes.
+        models.save_pretrained(model, sft_dir)
         if jax.process_index() == 0:
-            models.save_pretrained(model, sft_dir)
             with open(os.path.join(sft_dir, "sft_summary.json"), "w") as f:
                 json.dump(summary, f)
     return model, summary

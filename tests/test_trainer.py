@@ -370,7 +370,9 @@ def test_two_process_run_from_the_command_line(tmp_path, env):
     """`experiments.train` as 2 processes x 2 CPU devices joined by jax.distributed on localhost,
     from an empty work dir (tokenizer, warm start, RL, checkpoint): both finish, process 0 alone
     writes the metrics and prints the result. (jax.distributed used to start after the first JAX
-    call, which made every process fail at start-up.)"""
+    call, which made every process fail at start-up.) The parameters are split over the two
+    processes (fsdp 4 over 2 x 2 devices): saving the warm start gathers them, which every
+    process must join (process 0 alone used to wait there forever)."""
     import socket
 
     with socket.socket() as s:
@@ -383,8 +385,8 @@ def test_two_process_run_from_the_command_line(tmp_path, env):
         cmd = command(
             workdir,
             "--config.train.num_steps=2",
-            "--config.mesh.data=2",
-            "--config.mesh.fsdp=2",
+            "--config.mesh.data=1",
+            "--config.mesh.fsdp=4",
             f"--config.distributed.coordinator_address=localhost:{port}",
             "--config.distributed.num_processes=2",
             f"--config.distributed.process_id={pid}",
