@@ -117,10 +117,17 @@ def build_task(config: Any, workdir: str) -> Task:
             sft_pool = arithmetic.with_label_noise(
                 sft_pool, config.sft.label_noise, config.data.seed
             )
+        tokenizer = load_tokenizer(path)
+        _check_encodes_exactly(
+            tokenizer,
+            path,
+            config,
+            (("held-out", heldout), ("training", train), ("warm-start", sft_pool or [])),
+        )
         return Task(
             train,
             heldout,
-            load_tokenizer(path),
+            tokenizer,
             arithmetic.verify,
             config.sampling.max_new_tokens,
             sft_pool,
@@ -142,6 +149,30 @@ USER_ERRORS = (
     MemoryError,
     FileNotFoundError,  # a model, tokenizer or data path (the message names it)
 )
+
+
+def _check_encodes_exactly(tokenizer: Any, path: str, config: Any, splits) -> None:
+    """Every prompt and answer of the arithmetic task must survive encode -> decode. The task's
+    tokenizer learns its characters from the training problems, and a small data.num_train can
+    miss one: the held-out prompts and answers that hold it would become <unk>, which decodes to
+    nothing, so those answers could never be produced and held-out accuracy would be capped
+    without a word."""
+    for split, records in splits:
+        for record in records:
+            for field in ("prompt", "answer"):
+                text = record[field]
+                if tokenizer.decode(tokenizer.encode(text)) != text:
+                    missing = sorted(
+                        {c for c in text if tokenizer.decode(tokenizer.encode(c)) != c}
+                    )
+                    raise RunError(
+                        f"the tokenizer {path} cannot encode the {split} {field} {text!r} "
+                        f"(record {record['id']!r}; characters it lacks: {missing}). The task's "
+                        f"tokenizer is trained on the training problems (data.num_train = "
+                        f"{config.data.num_train}): raise data.num_train, or delete {path} "
+                        "(or point tokenizer.path at one that covers every character) and "
+                        "start again."
+                    )
 
 
 def check_task_fits(config: Any, task: Task, log: Callable[[str], None]) -> None:

@@ -71,3 +71,18 @@ def test_label_noise_changes_one_digit_of_the_requested_share():
     assert arithmetic.with_label_noise(train, 0.0, 1) == train
     with pytest.raises(ValueError, match="label noise"):
         arithmetic.with_label_noise(train, 1.0, 1)
+
+
+def test_a_tokenizer_missing_a_character_is_named_before_training(tmp_path):
+    """With 8 training problems the task's tokenizer never sees the digit 2: held-out prompts
+    and answers holding it would encode to <unk> (decoded as nothing), capping accuracy
+    silently. build_task refuses, naming the record, the character and what to change."""
+    from dynamo_jax import trainer
+    from dynamo_jax.config import get_default_config
+
+    config = get_default_config()
+    config.data.num_train = 8
+    with pytest.raises(trainer.RunError, match=r"lacks: \['2'\].*raise data.num_train"):
+        trainer.build_task(config, str(tmp_path))
+    config.data.num_train = 2000
+    assert trainer.build_task(config, str(tmp_path / "ok")).heldout
