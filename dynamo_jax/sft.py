@@ -77,12 +77,14 @@ def supervised_warm_start(
     graphdef, params, rest = ts.split_model(model)
     prompt_len = max(len(p) for p in prompts)
     answer_len = max(len(a) for a in answers)
-    tx = optax.adamw(
-        optax.warmup_cosine_decay_schedule(
-            0.0, learning_rate, min(50, steps // 10 + 1), max(steps, 1)
-        ),
-        weight_decay=0.0,
+    warmup = min(50, steps // 10 + 1)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, learning_rate, warmup, max(steps, warmup) + 1
     )
+    # Update c (0-based) uses the schedule at c + 1 in 1..steps: the first update already
+    # learns (at 0 the warm-up is at 0), as in train_step.make_optimizer, and the cosine ends
+    # one past the last update, so the last one is not at 0 either.
+    tx = optax.adamw(lambda count: schedule(count + 1), weight_decay=0.0)
     opt_state = tx.init(params)
     settings = ts.StepSettings(logits_chunk_size=answer_len)
     step_fn = jax.jit(functools.partial(_sft_step, graphdef, rest, tx, settings))
@@ -107,6 +109,10 @@ def supervised_warm_start(
             if accuracy >= target_accuracy:
                 break
     nnx.update(model, params)
+    if evaluate is not None and target_accuracy > 0 and done % eval_every:
+        # The last evaluation was of an earlier model: score the one returned.
+        accuracy = evaluate(model)
+        log(f"sft step {done}: held-out accuracy {accuracy:.3f}")
     return model, {
         "sft_steps": done,
         "sft_final_loss": float(np.mean(losses[-10:])),
