@@ -280,7 +280,10 @@ def modulate_advantages(
       final_advantages: [rows, T] float32 without gradient, 0 on padding.
       aux: scalars: `beta_comp_pos_mean` (mean beta_comp on A>0 tokens), `beta_stab_mean`,
         `damped_frac` (share of valid tokens with beta_stab < 0.99), `xi_mean`, `xi_max`,
-        `h_max`, `h_min`. Empty sets give 0, never NaN.
+        `h_max`, `h_min`. Empty sets give 0, never NaN. To average over several calls (micro-
+        batches), do not average those means: add up the sums and counts also returned,
+        `beta_comp_pos_sum` / `pos_tokens`, `beta_stab_sum`, `damped_tokens` and `xi_sum` /
+        `valid_tokens`, and divide once (what `TrainStep` logs).
     """
     shape = checks.same_shape(
         "modulate_advantages",
@@ -316,11 +319,20 @@ def modulate_advantages(
     final = jnp.where(valid, final, 0.0)
 
     pos = valid & (a > 0)
+    sums = {
+        "beta_comp_pos_sum": jnp.sum(jnp.where(pos, bc, 0.0)),
+        "pos_tokens": jnp.sum(pos).astype(jnp.float32),
+        "beta_stab_sum": jnp.sum(jnp.where(valid, bs, 0.0)),
+        "damped_tokens": jnp.sum(valid & (bs < 0.99)).astype(jnp.float32),
+        "xi_sum": jnp.sum(xi),
+        "valid_tokens": jnp.sum(valid).astype(jnp.float32),
+    }
     aux = {
-        "beta_comp_pos_mean": jnp.sum(jnp.where(pos, bc, 0.0)) / jnp.maximum(jnp.sum(pos), 1),
-        "beta_stab_mean": jnp.sum(jnp.where(valid, bs, 0.0)) / n_valid,
-        "damped_frac": jnp.sum(valid & (bs < 0.99)) / n_valid,
-        "xi_mean": jnp.sum(xi) / n_valid,
+        **sums,
+        "beta_comp_pos_mean": sums["beta_comp_pos_sum"] / jnp.maximum(sums["pos_tokens"], 1.0),
+        "beta_stab_mean": sums["beta_stab_sum"] / n_valid,
+        "damped_frac": sums["damped_tokens"] / n_valid,
+        "xi_mean": sums["xi_sum"] / n_valid,
         "xi_max": jnp.max(xi, initial=0.0),
         "h_max": jnp.where(jnp.isfinite(scope.h_max), scope.h_max, 0.0),
         "h_min": jnp.where(jnp.isfinite(scope.h_min), scope.h_min, 0.0),

@@ -285,7 +285,24 @@ _SUM_METRICS = (
     "kl",
     "entropy",
 )
-_MEAN_METRICS = ("beta_comp_pos_mean", "beta_stab_mean", "damped_frac", "xi_mean")
+# The modulation's logged means, each a ratio of sums over the update's tokens: summed over
+# micro-batches and mini-batches and divided once (an average of per-micro-batch means would
+# weight micro-batches equally whatever their token counts, and count a micro-batch without A>0
+# tokens as beta_comp 0 although beta_comp >= 1 there by definition).
+_MODULATION_MEANS = {
+    "beta_comp_pos_mean": ("beta_comp_pos_sum", "pos_tokens"),
+    "beta_stab_mean": ("beta_stab_sum", "valid_tokens"),
+    "damped_frac": ("damped_tokens", "valid_tokens"),
+    "xi_mean": ("xi_sum", "valid_tokens"),
+}
+_MODULATION_SUMS = tuple(sorted({k for pair in _MODULATION_MEANS.values() for k in pair}))
+
+
+def _modulation_means(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    return {
+        name: jnp.sum(sums[num]) / jnp.maximum(jnp.sum(sums[den]), 1.0)
+        for name, (num, den) in _MODULATION_MEANS.items()
+    }
 
 
 def _update(
@@ -394,7 +411,7 @@ def _update(
         aux.setdefault(
             "entropy", jnp.sum(jax.lax.stop_gradient(stats.entropy) * micro["response_mask"])
         )
-        aux.update({k: mod_aux[k] for k in _MEAN_METRICS})
+        aux.update({k: mod_aux[k] for k in _MODULATION_SUMS})
         aux["xi_max"] = mod_aux["xi_max"]
         aux["loss_sum"] = jax.lax.stop_gradient(loss_sum)
         return loss_sum / jnp.maximum(total, 1.0), aux
@@ -438,8 +455,7 @@ def _update(
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {k: jnp.sum(auxs[k]) for k in auxs if k in _SUM_METRICS}
-        metrics.update({k: jnp.mean(auxs[k]) for k in _MEAN_METRICS})
+        metrics = {k: jnp.sum(auxs[k]) for k in auxs if k in _SUM_METRICS + _MODULATION_SUMS}
         metrics["xi_max"] = jnp.max(auxs["xi_max"])
         metrics["loss"] = jnp.sum(auxs["loss_sum"]) / jnp.maximum(total, 1.0)
         metrics["grad_norm"] = grad_norm
@@ -465,7 +481,7 @@ def _update(
         / jnp.maximum(jnp.sum(batch["valid"]), 1),
         "train_tokens": jnp.sum(per_mb["tokens"]),
     }
-    metrics.update({k: jnp.mean(per_mb[k]) for k in _MEAN_METRICS})
+    metrics.update(_modulation_means(per_mb))
     if "kl" in per_mb:
         metrics["kl"] = jnp.sum(per_mb["kl"]) / tokens
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

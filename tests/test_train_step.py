@@ -252,3 +252,60 @@ def test_kl_penalty_without_reference_log_probs_is_an_error():
     batch, _ = make_batch(0)
     with pytest.raises(ValueError, match=r"loss.kl_coef = 0.1 .*'ref_logp'"):
         step.update(state, batch, jax.random.key(1))
+
+
+def test_modulation_metrics_are_means_over_the_update_tokens():
+    """beta_comp_pos_mean, beta_stab_mean, damped_frac and xi_mean over an update of 2 x 2
+    micro-batches, two of which have no A > 0 token (their groups' rewards are equal): the
+    logged values are ratios of sums over all tokens (per micro-batch modulate_advantages,
+    weighted by token counts). They used to be unweighted means of per-micro-batch means, which
+    counted a micro-batch without A > 0 tokens as beta_comp 0 (below 1, impossible)."""
+    from dynamo_jax import advantages as adv_lib
+    from dynamo_jax import modulation
+
+    cfg = make_config(2, 4)
+    cfg.train.shuffle_rows = False  # micro-batch k = rows 4k..4k+3
+    cfg.optim.learning_rate = 1e-9  # parameters ~unchanged: one forward gives the references
+    _, step, state = build(cfg)
+    batch, _ = make_batch(5, group_sizes=(4, 4, 4, 4))
+    batch["rewards"] = np.array(
+        [1, -1, 1, -1, -1, -1, -1, -1, 1, 1, -1, -1, 1, 1, 1, 1], np.float32
+    )
+    stats = step.logprobs(state.params, batch)
+    batch["old_logp"] = np.asarray(stats.logp)
+    adv = adv_lib.group_advantages(
+        jnp.asarray(batch["rewards"]),
+        jnp.asarray(batch["group_ids"]),
+        jnp.asarray(batch["valid"]),
+        4,
+        "grpo",
+    )
+    sums = dict.fromkeys(("bc", "pos", "bs", "damped", "xi", "tokens"), 0.0)
+    for k in range(4):
+        r = slice(4 * k, 4 * k + 4)
+        _, aux = modulation.modulate_advantages(
+            adv[r],
+            stats.entropy[r],
+            stats.logp[r],
+            jnp.asarray(batch["old_logp"][r]),
+            jnp.asarray(batch["response_mask"][r]),
+        )
+        for key, name in (
+            ("bc", "beta_comp_pos_sum"),
+            ("pos", "pos_tokens"),
+            ("bs", "beta_stab_sum"),
+            ("damped", "damped_tokens"),
+            ("xi", "xi_sum"),
+            ("tokens", "valid_tokens"),
+        ):
+            sums[key] += float(aux[name])
+    assert sums["pos"] > 0
+    _, metrics = step.update(state, batch, jax.random.key(0))
+    assert float(metrics["beta_comp_pos_mean"]) >= 1.0
+    np.testing.assert_allclose(
+        float(metrics["beta_comp_pos_mean"]), sums["bc"] / sums["pos"], rtol=1e-4
+    )
+    for name, key in (("beta_stab_mean", "bs"), ("damped_frac", "damped"), ("xi_mean", "xi")):
+        np.testing.assert_allclose(
+            float(metrics[name]), sums[key] / sums["tokens"], rtol=1e-4, atol=1e-7, err_msg=name
+        )
