@@ -513,10 +513,11 @@ def paired_difference(
     values: Mapping[int, float], reference: Mapping[int, float]
 ) -> dict[str, float]:
     """Mean difference values - reference over the seeds both have, paired by seed (a seed
-    shares its warm start and its data order across variants), with its standard error
-    std(d, ddof=1) / sqrt(n), the paired t statistic, its two-sided p-value (Student's t with
-    n - 1 degrees of freedom) and how many seeds are below the reference. Fewer than two
-    common seeds: the s.e., t and p are NaN. No correction for multiple comparisons."""
+    gives every variant the same random seeds, hence the same held-out value before RL), with
+    its standard error std(d, ddof=1) / sqrt(n), the paired t statistic, its two-sided p-value
+    (Student's t with n - 1 degrees of freedom) and how many seeds are below the reference.
+    Fewer than two common seeds: the s.e., t and p are NaN. No correction for multiple
+    comparisons."""
     from scipy import stats
 
     seeds = sorted(set(values) & set(reference))
