@@ -11,8 +11,10 @@ huge binomials. pass@1 reduces to c/n, the mean over samples.
 
 from __future__ import annotations
 
+import fractions
 import json
 import os
+import re
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -59,8 +61,41 @@ def mean_pass_at_k(num_samples, num_correct, k: int) -> float:
     return float(np.mean(pass_at_k(np.asarray(num_samples), np.asarray(num_correct), k)))
 
 
+_NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
+_RATIONAL_FORMS = (
+    re.compile(rf"^(?P<num>{_NUMBER})$"),
+    re.compile(rf"^(?P<num>{_NUMBER})/(?P<den>{_NUMBER})$"),
+    re.compile(rf"^(?P<sign>[+-]?)\\[dt]?frac\{{(?P<num>{_NUMBER})\}}\{{(?P<den>{_NUMBER})\}}$"),
+    re.compile(r"^(?P<sign>[+-]?)\\[dt]?frac(?P<num>\d)(?P<den>\d)$"),
+)
+
+
+def vote_key(answer: str | None) -> str:
+    """The key under which an answer votes in a majority: its normalised text, except that a
+    number written as an integer, a decimal or a plain fraction (``1/2``, ``\\frac{1}{2}``,
+    ``\\frac12``, ``0.5``, ``0.50``) votes as its exact value, so equal numbers in different
+    forms pool their votes. Other answers (``2\\sqrt{3}`` vs ``\\sqrt{12}``) vote by text.
+    "" for a missing answer (no vote)."""
+    text = normalize_answer(answer) if answer is not None else ""
+    for form in _RATIONAL_FORMS:
+        m = form.match(text)
+        if m is None:
+            continue
+        groups = m.groupdict()
+        value = fractions.Fraction(groups["num"])
+        if groups.get("den") is not None:
+            den = fractions.Fraction(groups["den"])
+            if den == 0:
+                return text
+            value /= den
+        if groups.get("sign") == "-":
+            value = -value
+        return f"={value}"
+    return text
+
+
 def majority_answer(answers: Sequence[str | None]) -> int | None:
-    """Index of the representative sample of the most common normalised answer, or None.
+    """Index of the representative sample of the most common answer (by `vote_key`), or None.
 
     Missing/empty answers do not vote. Ties go to the answer whose first occurrence is earliest,
     and the representative is that first occurrence (deterministic, order-based).
@@ -68,7 +103,7 @@ def majority_answer(answers: Sequence[str | None]) -> int | None:
     counts: dict[str, int] = {}
     first: dict[str, int] = {}
     for idx, ans in enumerate(answers):
-        key = normalize_answer(ans) if ans is not None else ""
+        key = vote_key(ans)
         if not key:
             continue
         counts[key] = counts.get(key, 0) + 1

@@ -114,7 +114,8 @@ def load_train_records(config: Any) -> list[dict[str, str]]:
 
 
 def parse_benchmarks(spec: str) -> dict[str, str]:
-    """``"AIME24=/p/aime24.jsonl,MATH500=/p/math500.jsonl"`` -> {name: path}, in order."""
+    """``"AIME24=/p/aime24.jsonl,MATH500=/p/math500.jsonl"`` -> {name: path}, in order (a path
+    may carry its own columns, ``/p/amc23.jsonl?prompt=question``: see `benchmark_source`)."""
     out: dict[str, str] = {}
     for item in (s.strip() for s in spec.split(",")):
         if not item:
@@ -132,15 +133,43 @@ def parse_benchmarks(spec: str) -> dict[str, str]:
     return out
 
 
+def benchmark_source(name: str, spec: str, default_fields: dict[str, str]) -> tuple[str, Any]:
+    """(path, source) for one ``eval.benchmarks`` entry's value: ``path`` or
+    ``path?prompt=<column>&answer=<column>&id=<column>``. Benchmark files name their columns
+    differently (MATH-500 "problem", AMC23 "question"), so each entry may name its own; columns
+    it does not name are the data.*_field ones. ``.parquet`` files are read as Parquet,
+    anything else as JSONL."""
+    path, _, query = spec.partition("?")
+    fields = dict(default_fields)
+    for item in (q for q in query.split("&") if q):
+        key, sep, column = item.partition("=")
+        if key not in fields or not sep or not column:
+            raise ConfigError(
+                f"eval.benchmarks: {name}={spec!r}: {item!r} is not key=column with key one of "
+                f"{sorted(fields)} (e.g. {name}={path}?prompt=question&answer=answer)"
+            )
+        fields[key] = column
+    if not os.path.isfile(path):
+        raise ConfigError(f"eval.benchmarks: {name}={path!r}: no such file")
+    if path.endswith(".parquet"):
+        return path, sources.ParquetSource(path, fields, derive_ids=True)
+    return path, sources.JsonlSource(path, fields, derive_ids=True)
+
+
 def load_benchmarks(config: Any) -> dict[str, list[dict[str, str]]]:
-    """{name: records} for ``eval.benchmarks`` (JSONL files with the data.*_field columns; rows
-    without the id column are numbered)."""
+    """{name: records} for ``eval.benchmarks`` (JSONL or Parquet files; columns from the entry's
+    ``?prompt=..&answer=..&id=..`` or else data.*_field; rows without an id are numbered)."""
     fields = _fields(config)
     out: dict[str, list[dict[str, str]]] = {}
-    for name, path in parse_benchmarks(config.eval.benchmarks).items():
-        if not os.path.isfile(path):
-            raise ConfigError(f"eval.benchmarks: {name}={path!r}: no such file")
-        out[name] = sources.JsonlSource(path, fields, derive_ids=True).load()
+    for name, spec in parse_benchmarks(config.eval.benchmarks).items():
+        path, source = benchmark_source(name, spec, fields)
+        try:
+            out[name] = source.load()
+        except sources.DataError as e:
+            raise sources.DataError(
+                f"eval.benchmarks: {name}: {e} (or name this benchmark's own columns in its "
+                f"entry: {name}={path}?prompt=<column>&answer=<column>)"
+            ) from e
         if not out[name]:  # fail at start, not at the first evaluation (after model loading)
             raise sources.DataError(f"eval.benchmarks: {name}={path!r} holds no problems")
     return out

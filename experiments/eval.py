@@ -9,13 +9,16 @@ or the one of --checkpoint_step=N; --checkpoint_step=0, or a work dir without ch
 the weights in model.path (the base model). The model's shape comes from model.path/config.json
 (else model.architecture), the tokenizer from tokenizer.path (else model.path).
 
-Benchmarks: config.eval.benchmarks, comma-separated name=path.jsonl, each line a JSON object with
+Benchmarks: config.eval.benchmarks, comma-separated name=path.jsonl (or .parquet), each row with
 the data.prompt_field / data.answer_field columns (default "problem" / "answer"; an id column is
-optional). Prompts use the Qwen2.5-Math chat template, as in training. Each problem gets
-k = eval.samples_per_prompt samples (1 with eval.greedy) at sampling.temperature / top_p / top_k
-for up to sampling.max_new_tokens tokens; pass@k and maj@k are reported for k = eval.pass_k
-(capped at the number of samples, with a note). Results: WORKDIR/eval_results.md and .json (the
-table, the average over benchmarks, per-problem counts, settings), also printed.
+optional); a file with other columns names them in its entry:
+AMC23=/data/amc23.jsonl?prompt=question&answer=answer. Prompts use the Qwen2.5-Math chat
+template, as in training. Each problem gets k = eval.samples_per_prompt samples (1 with
+eval.greedy) at sampling.temperature / top_p / top_k for up to sampling.max_new_tokens tokens;
+pass@k and maj@k are reported for k = eval.pass_k (capped at the number of samples, with a
+note; in maj@k, numbers written in different forms, 1/2, 0.5 and a LaTeX fraction, vote together).
+Results: WORKDIR/eval_results.md and .json (the table, the average over benchmarks, per-problem
+counts, settings), also printed.
 
 A checkpoint whose parameters do not fit the model the config describes (another shape, more
 layers...) is refused with the parameters and the config fields that differ from the run's.

@@ -385,6 +385,32 @@ def test_empty_benchmark_file_fails_at_load(tokenizer_dir, data_dir, tmp_path):
         math_task.load_benchmarks(config)
 
 
+def test_benchmarks_name_their_own_columns_and_may_be_parquet(tokenizer_dir, data_dir, tmp_path):
+    """Benchmark files name their columns differently (MATH-500 "problem", AMC23 "question"):
+    an entry may name its own (`?prompt=..&answer=..`), a .parquet file is read as Parquet, and
+    a missing column says how to name it for that benchmark."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _write_jsonl(tmp_path / "amc.jsonl", [{"question": "1+1?", "solution": "2"}])
+    pq.write_table(
+        pa.table({"problem": ["2+2?", "3+3?"], "answer": ["4", "6"]}), tmp_path / "m.parquet"
+    )
+    config = _math_config(tokenizer_dir, data_dir)
+    config.eval.benchmarks = (
+        f"AMC={tmp_path / 'amc.jsonl'}?prompt=question&answer=solution,M={tmp_path / 'm.parquet'}"
+    )
+    got = math_task.load_benchmarks(config)
+    assert [(r["prompt"], r["answer"]) for r in got["AMC"]] == [("1+1?", "2")]
+    assert [(r["prompt"], r["answer"]) for r in got["M"]] == [("2+2?", "4"), ("3+3?", "6")]
+    config.eval.benchmarks = f"AMC={tmp_path / 'amc.jsonl'}"
+    with pytest.raises(math_task.sources.DataError, match=r"AMC=.*amc.jsonl\?prompt=<column>"):
+        math_task.load_benchmarks(config)
+    config.eval.benchmarks = f"AMC={tmp_path / 'amc.jsonl'}?question=prompt"
+    with pytest.raises(math_task.ConfigError, match="not key=column"):
+        math_task.load_benchmarks(config)
+
+
 def test_eval_script_base_model_and_checkpoint(tokenizer_dir, data_dir, tmp_path, monkeypatch):
     """experiments/eval.py: model.path weights without checkpoints, then the latest checkpoint
     (parameters only restored); the same weights give the same samples."""

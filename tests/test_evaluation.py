@@ -14,6 +14,7 @@ from dynamo_jax.evaluation import (
     pass_at_1,
     pass_at_k,
     results_table,
+    vote_key,
 )
 
 
@@ -90,6 +91,19 @@ def test_majority_vote_groups_by_normalised_answer():
     assert majority_answer(["3", "4", "4", "3"]) == 0  # tie -> earliest first occurrence
     assert majority_answer(["4", "3", "3", "4"]) == 0
     assert majority_answer([None, "", "  "]) is None
+
+
+def test_equal_numbers_in_different_forms_vote_together():
+    """Four correct samples write 1/2 four ways, two wrong ones write 3 alike: the vote must
+    pool the four (their text differs, their value does not)."""
+    answers = ["\\frac{1}{2}", "1/2", "3", "0.5", "\\frac12", "3"]
+    correct = [True, True, False, True, True, False]
+    assert majority_answer(answers) == 0
+    assert maj_at_k([answers], [correct]).tolist() == [True]
+    assert {vote_key(a) for a in ("-0.50", "-\\frac{1}{2}", "\\frac{-1}{2}", "-1/2")} == {"=-1/2"}
+    assert vote_key("3.0") == vote_key("3") != vote_key("3.01")
+    assert vote_key("1/0") == "1/0"  # no value: votes by its text
+    assert vote_key("2\\sqrt{3}") == "2\\sqrt{3}" and vote_key(None) == ""
 
 
 def test_maj_at_k():
