@@ -69,6 +69,15 @@ def test_jsonl_derived_ids_only_with_flag(tmp_path):
     with pytest.raises(DataError, match=r"gsm\.jsonl:line 1: missing field 'id'.*derive_ids"):
         JsonlSource(path).load()
     assert [r["id"] for r in JsonlSource(path, derive_ids=True)] == ["gsm:1", "gsm:2"]
+    # Numbered by physical line, as errors name them: after a blank line 2, the row on line 3
+    # is gsm:3 (it used to be gsm:2, pointing at the wrong line).
+    path.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")
+    assert [r["id"] for r in JsonlSource(path, derive_ids=True)] == ["gsm:1", "gsm:3"]
+    other = tmp_path / "other"
+    other.mkdir()
+    twin = write_jsonl(other / "gsm.jsonl", rows)
+    with pytest.raises(DataError, match="give such files distinct names or an id column"):
+        load_records([JsonlSource(path, derive_ids=True), JsonlSource(twin, derive_ids=True)])
 
 
 @pytest.mark.parametrize(
@@ -179,6 +188,20 @@ def test_parquet_roundtrip_and_errors(tmp_path):
         )
         pq.write_table(table, path)
         assert [r["answer"] for r in ParquetSource(path).load()] == expected
+        # ... also inside a struct column (verl's reward_model.ground_truth)
+        nested = pa.table(
+            {
+                "problem": ["p"] * len(expected),
+                "reward_model": pa.array(
+                    [{"ground_truth": v, "style": "rule"} for v in values[: len(expected)]],
+                    type=pa.struct([("ground_truth", dtype), ("style", pa.string())]),
+                ),
+            }
+        )
+        pq.write_table(nested, tmp_path / "nested.parquet")
+        fields = {"id": "id", "prompt": "problem", "answer": "reward_model.ground_truth"}
+        got = ParquetSource(tmp_path / "nested.parquet", fields, derive_ids=True).load()
+        assert [r["answer"] for r in got] == expected
 
     rows = [dict(r) for r in ROWS]
     rows[2]["answer"] = None

@@ -116,12 +116,14 @@ class _Source:
     derive_ids: bool
     name: str
 
-    def _rows(self) -> Iterator[tuple[str, Any]]:  # (location, raw row)
+    def _rows(self) -> Iterator[tuple[str, Any, int]]:  # (location, raw row, line/row number)
         raise NotImplementedError
 
     def __iter__(self) -> Iterator[Record]:
         seen: dict[str, str] = {}
-        for number, (where, row) in enumerate(self._rows(), start=1):
+        for where, row, number in self._rows():
+            # Numbered like the location errors name (a JSONL file's physical line, blank lines
+            # included), so "train:3" is line 3.
             derived = f"{self.name}:{number}" if self.derive_ids else None
             record = to_record(row, self.fields, where=where, derived_id=derived)
             if record["id"] in seen:
@@ -151,7 +153,7 @@ class JsonlSource(_Source):
         self.derive_ids = derive_ids
         self.name = os.path.splitext(os.path.basename(self.path))[0]
 
-    def _rows(self) -> Iterator[tuple[str, Any]]:
+    def _rows(self) -> Iterator[tuple[str, Any, int]]:
         if not os.path.isfile(self.path):
             raise DataError(f"{self.path}: no such file")
         with open(self.path, "rb") as f:  # decoded line by line: errors can name the line
@@ -167,7 +169,7 @@ class JsonlSource(_Source):
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
-                yield where, row
+                yield where, row, line_no
 
 
 class ParquetSource(_Source):
@@ -187,7 +189,7 @@ class ParquetSource(_Source):
         self.batch_size = batch_size
         self.name = os.path.splitext(os.path.basename(self.path))[0]
 
-    def _rows(self) -> Iterator[tuple[str, Any]]:
+    def _rows(self) -> Iterator[tuple[str, Any, int]]:
         import pyarrow.parquet as pq
 
         if not os.path.isfile(self.path):
@@ -220,6 +222,16 @@ class ParquetSource(_Source):
             for f in pf.schema_arrow
             if f.name in columns and (pa.types.is_float32(f.type) or pa.types.is_float16(f.type))
         ]
+        # The same for float32 fields inside struct columns ("reward_model.ground_truth").
+        nested = []
+        for key in _KEYS:
+            column = self.fields[key]
+            if column in available or "." not in column:
+                continue
+            path = column.split(".")
+            leaf = _nested_type(pf.schema_arrow.field(path[0]).type, path[1:])
+            if leaf is not None and (pa.types.is_float32(leaf) or pa.types.is_float16(leaf)):
+                nested.append(path)
         row_no = 0
         for batch in pf.iter_batches(batch_size=self.batch_size, columns=columns):
             rows = batch.to_pylist()
@@ -228,9 +240,47 @@ class ParquetSource(_Source):
                 for row, value in zip(rows, values, strict=True):
                     if row[name] is not None:
                         row[name] = value
+            for path in nested:
+                values = _nested_column(batch.column(path[0]), path[1:])
+                for row, value in zip(rows, values, strict=True):
+                    _set_nested(row, path, value)
             for row in rows:
                 row_no += 1
-                yield f"{self.path}:row {row_no}", row
+                yield f"{self.path}:row {row_no}", row, row_no
+
+
+def _nested_type(arrow_type: Any, path: list[str]) -> Any:
+    """The Arrow type at `path` inside nested structs, or None where the path leaves them."""
+    import pyarrow as pa
+
+    for part in path:
+        if not pa.types.is_struct(arrow_type) or arrow_type.get_field_index(part) < 0:
+            return None
+        arrow_type = arrow_type.field(part).type
+    return arrow_type
+
+
+def _nested_column(array: Any, path: list[str]) -> list[Any]:
+    """The values at `path` inside a struct column as numpy float32/16 scalars (None where a
+    struct or the value is null)."""
+    import pyarrow.compute as pc
+
+    valid = array.is_valid().to_pylist()
+    for part in path:
+        array = pc.struct_field(array, part)
+        valid = [v and ok for v, ok in zip(valid, array.is_valid().to_pylist(), strict=True)]
+    values = array.to_numpy(zero_copy_only=False)
+    return [v if ok else None for v, ok in zip(values, valid, strict=True)]
+
+
+def _set_nested(row: dict, path: list[str], value: Any) -> None:
+    obj = row
+    for part in path[:-1]:
+        obj = obj.get(part) if isinstance(obj, dict) else None
+        if obj is None:
+            return
+    if isinstance(obj, dict) and obj.get(path[-1]) is not None and value is not None:
+        obj[path[-1]] = value
 
 
 class TfdsSource(_Source):
@@ -285,11 +335,11 @@ class TfdsSource(_Source):
         except (ValueError, KeyError) as e:
             raise DataError(f"TFDS dataset {self.dataset!r}: split {self.split!r}: {e}") from None
 
-    def _rows(self) -> Iterator[tuple[str, Any]]:
+    def _rows(self) -> Iterator[tuple[str, Any, int]]:
         source = self._open()
         where = f"tfds {self.dataset!r} ({self.data_dir}) split {self.split!r}"
         for i in range(len(source)):
-            yield f"{where}:row {i + 1}", source[i]
+            yield f"{where}:row {i + 1}", source[i], i + 1
 
 
 def load_records(sources: Iterable[Iterable[Record]]) -> list[Record]:
@@ -301,7 +351,9 @@ def load_records(sources: Iterable[Iterable[Record]]) -> list[Record]:
             if record["id"] in seen:
                 raise DataError(
                     f"duplicate prompt id {record['id']!r} across sources "
-                    f"#{seen[record['id']] + 1} and #{s_idx + 1}"
+                    f"#{seen[record['id']] + 1} and #{s_idx + 1} (rows without an id column "
+                    "are numbered <file name>:<line>: give such files distinct names or an id "
+                    "column)"
                 )
             seen[record["id"]] = s_idx
             out.append(record)
