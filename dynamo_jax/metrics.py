@@ -29,10 +29,21 @@ def _clean(value: Any) -> float | int | None:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a metrics log. A last line that does not parse is a write cut short (a
+    kill, a full disk) and is left out; a bad line before the last is an error naming it."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip()]
+    out = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{os.fspath(path)}:line {n}: not a JSON record ({e.msg})") from None
+    return out
 
 
 class MetricsWriter:
@@ -54,8 +65,11 @@ class MetricsWriter:
             return
         os.makedirs(os.fspath(workdir), exist_ok=True)
         kept = [r for r in read_jsonl(self.path) if r.get("step", -1) < start_step]
-        with open(self.path, "w") as f:
+        # Rewritten beside and renamed over: a kill during the rewrite leaves the old log whole.
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(tmp, self.path)
         if tensorboard:
             from tensorboardX import SummaryWriter
 

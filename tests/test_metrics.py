@@ -27,6 +27,33 @@ def test_jsonl_tensorboard_and_resume_truncation(tmp_path):
     assert [r["step"] for r in rows] == [0, 1, 2] and rows[-1]["reward"] == 9.0
 
 
+def test_resume_survives_a_torn_last_line_and_a_kill_during_the_rewrite(tmp_path, monkeypatch):
+    """A kill or a full disk can leave the log's last line half written: that line is a step
+    after the checkpoint, dropped anyway, and must not stop the resume. The resume's rewrite goes
+    to a file beside the log and is renamed over it, so a kill during it keeps the old log."""
+    import json
+
+    import pytest
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(5)) + '{"step": 5, "re')
+    assert [r["step"] for r in read_jsonl(path)] == [0, 1, 2, 3, 4]
+    MetricsWriter(tmp_path, total_steps=9, start_step=4, tensorboard=False, progress=False)
+    assert [r["step"] for r in read_jsonl(path)] == [0, 1, 2, 3]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed during the rewrite")
+
+    monkeypatch.setattr(json, "dumps", killed)
+    with pytest.raises(KeyboardInterrupt):
+        MetricsWriter(tmp_path, total_steps=9, start_step=2, tensorboard=False, progress=False)
+    monkeypatch.undo()
+    assert [r["step"] for r in read_jsonl(path)] == [0, 1, 2, 3]
+    path.write_text('{"step": 0}\nnot json\n{"step": 2}\n')  # corruption, not a torn write
+    with pytest.raises(ValueError, match="metrics.jsonl:line 2"):
+        read_jsonl(path)
+
+
 def _scalar_steps(logdir, tag):
     """Steps of `tag` in every event file under `logdir` (TFRecord framing read by hand)."""
     import struct
