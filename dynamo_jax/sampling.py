@@ -580,8 +580,9 @@ class Sampler:
         one. Parameters must already live on this mesh (``sharding.shard_model`` or
         ``init_model(mesh=...)``).
       rules: logical-axis rules for the KV cache (default: the model's, else DEFAULT_RULES).
-      reuse_buffers: keep the row KV cache between calls and donate it to the next one
-        (fresh multi-GB buffers are slow to fault in); ``release_buffers()`` frees it.
+      reuse_buffers: keep the row KV cache between calls and donate it to the next one of the
+        same cache shape (fresh multi-GB buffers are slow to fault in); a call of another shape
+        drops it first, so one cache at most is kept; ``release_buffers()`` frees it.
       filter_method: how the top-k / top-p threshold is found: "bisect" (default; 32 counting
         passes per filter, exact) or "sort" (a full-vocabulary sort per row and step).
       vocab_limit: draw only ids below this (the tokenizer's size, where the model's vocabulary
@@ -694,6 +695,9 @@ class Sampler:
         buf = self._buffers.pop((*cache_shape, jnp.dtype(dtype).num), None)
         if buf is not None:
             return buf
+        # A kept cache of another shape (another prompt-length bucket) must not live beside the
+        # new one: at most one row cache exists at a time, as the memory plan counts.
+        self._buffers.clear()
         layer_shape = cache_shape[1:]
         if self.mesh is not None:
             sharding = shd.logical_to_sharding(

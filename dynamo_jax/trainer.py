@@ -479,6 +479,10 @@ def generate_in_chunks(
         fields["group_id"] = idx[fields["group_id"]].astype(np.int32)
         fields["prompt_tokens"] = out.prompt_tokens[keep]
         outs.append((out, fields))
+    # The sampler keeps one KV-cache buffer per cache shape (prompt-length bucket) for its next
+    # call; held through the train update they would add one cache per bucket met to the update's
+    # peak, which the memory plan does not count (it counts one cache, while sampling).
+    sampler.release_buffers()
     if len(outs) == 1 and max_rows <= 0:
         return outs[0][0]
     plen = max(f["prompt_tokens"].shape[1] for _, f in outs)
@@ -571,7 +575,11 @@ def heldout_metrics(
     "math", eval.benchmarks) adds pass@k / maj@k per benchmark and their average as
     "eval/<benchmark>/<metric>" and writes eval_step_<step>.md/.json into `out_dir`."""
     with explain_out_of_memory(config, f"The held-out evaluation at step {step}"):
-        return _heldout_metrics(config, sampler, params, task, key, out_dir, step)
+        try:
+            return _heldout_metrics(config, sampler, params, task, key, out_dir, step)
+        finally:
+            if sampler is not None:  # its KV caches must not stay through the train steps
+                sampler.release_buffers()
 
 
 def _heldout_metrics(config, sampler, params, task, key, out_dir, step) -> dict[str, float]:

@@ -52,8 +52,12 @@ def test_chunked_generation_equals_one_call():
         return Sampler(model, eos_ids=(3,), pad_id=0, spec=spec)
 
     whole = generate_in_chunks(sampler(20), model, prompts, ids, sizes, key, 0, 0, **kw)
-    chunked = generate_in_chunks(sampler(8), model, prompts, ids, sizes, key, 8, 0, **kw)
+    chunked_sampler = sampler(8)
+    chunked = generate_in_chunks(chunked_sampler, model, prompts, ids, sizes, key, 8, 0, **kw)
     assert chunked.num_rows == sizes.sum() and chunked.valid.all()
+    # The chunks met two prompt-length buckets; no KV cache of either outlives the sampling
+    # (kept, they would sit on the device through the train update).
+    assert not chunked_sampler._buffers
 
     def by_row(r):
         rows = {}

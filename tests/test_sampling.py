@@ -390,3 +390,19 @@ def test_sampler_and_loss_give_the_same_log_probs_over_a_limited_vocabulary(mode
         mask = r.response_mask > 0
         diff = np.abs(np.asarray(stats.logp)[mask] - r.response_logp[mask]).max()
         assert (diff < 1e-4) == close, (vocab_limit, diff)
+
+
+def test_at_most_one_row_cache_is_kept(model):
+    """Calls in two prompt-length buckets (8 and 16) need caches of two shapes: the kept one of
+    the first is dropped before the second is allocated (both alive would double the cache the
+    memory plan counts), the same shape is reused, and release_buffers frees it."""
+    s = Sampler(model, eos_ids=(EOS,), pad_id=PAD, spec=SPEC)
+    rng = np.random.default_rng(0)
+    key = jax.random.key(0)
+    for lengths in ([3, 5], [12, 14], [12, 14]):
+        s.generate(nnx.state(model), _prompts(rng, lengths), np.arange(2), np.array([2, 2]), key)
+        assert len(s._buffers) == 1
+    kept = next(iter(s._buffers.values()))
+    assert kept.k[0].shape[2] >= 12  # the 16-bucket's cache, the 8-bucket's was dropped
+    s.release_buffers()
+    assert not s._buffers

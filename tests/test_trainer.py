@@ -354,6 +354,11 @@ def test_benchmark_evaluation_uses_the_sampling_row_bound(monkeypatch):
         c.sampling.max_rows_per_call = rows
         trainer.heldout_metrics(c, None, None, task, jax.random.key(0))
         assert seen[-1] == expected
+    # The evaluation's KV caches do not outlive it (they would sit through the train steps).
+    released = []
+    sampler = types.SimpleNamespace(release_buffers=lambda: released.append(True))
+    trainer.heldout_metrics(c, sampler, None, task, jax.random.key(0))
+    assert released == [True]
 
 
 def _gloo_available() -> bool:
