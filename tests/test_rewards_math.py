@@ -460,3 +460,30 @@ def test_replacement_start_failures_retry_then_raise():
         v(["\\boxed{CRASH}", "\\boxed{1}"], ["1", "1"])
     assert v.total_restarts == 4  # the crashed worker + 3 retries, then give up loudly
     assert not v._workers  # closed
+
+
+@pytest.mark.parametrize(
+    "pred,gold",
+    [
+        ("\\frac{1}{2}", "\u00bd"),  # vulgar fraction
+        ("\\frac{3}{4}", "\u00be"),
+        ("2\\sqrt{3}", "2\u221a3"),  # root sign
+        ("\\sqrt{x}", "\u221ax"),
+        ("3", "\uff13"),  # full-width digits
+        ("12", "\uff11\uff12"),
+        ("x^2+1", "x\u00b2+1"),  # superscript
+        ("3\\times10^{5}", "3\u00d710\u2075"),
+        ("\\frac{\\pi}{2}", "\u03c0/2"),
+        ("-3", "\u22123"),  # minus sign
+    ],
+)
+def test_gold_answers_written_in_unicode(pred, gold):
+    """Gold answers in datasets are often written with Unicode symbols; the same answer in LaTeX
+    must score correct (these scored wrong or parse_error), and a different one must not."""
+    assert score_answer(pred, gold) == (True, "ok")
+
+
+def test_unicode_answers_still_tell_different_values_apart():
+    assert score_answer("5", "\u00bd")[0] is False
+    assert score_answer("x^3", "x\u00b2")[0] is False
+    assert normalize_answer("\uff13") == "3"

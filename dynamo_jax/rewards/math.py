@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 import weakref
 from collections import deque
 from collections.abc import Callable, Container, Sequence
@@ -196,9 +197,53 @@ _SOFT_SPACE = re.compile(
 )
 
 
+# Unicode math symbols that answers (gold ones especially) are written with, as LaTeX.
+_UNICODE_SYMBOLS = {
+    "\u2212": "-",  # minus sign
+    "\u00d7": "\\times ",
+    "\u00f7": "\\div ",
+    "\u22c5": "\\cdot ",
+    "\u00b7": "\\cdot ",
+    "\u03c0": "\\pi ",
+    "\u221e": "\\infty ",
+    "\u2264": "\\le ",
+    "\u2265": "\\ge ",
+    "\u2260": "\\ne ",
+}
+_SUPERSCRIPTS = dict(
+    zip("\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079", "0123456789", strict=True)
+)
+_SUPERSCRIPT_RUN = re.compile("[" + "".join(_SUPERSCRIPTS) + "]+")
+_SQRT = re.compile(r"\u221a\s*(\d+(?:\.\d+)?|[A-Za-z]|\{)")
+
+
+def _unicode_to_latex(s: str) -> str:
+    """Full-width characters as ASCII, vulgar fractions (one half) as \\frac, superscript digits
+    as ^{..}, the root sign as \\sqrt{..}, and the symbols above as their commands, so that an
+    answer written in Unicode compares equal to the same answer in LaTeX."""
+    if s.isascii():
+        return s
+    out = []
+    for ch in s:
+        if "\uff01" <= ch <= "\uff5e":  # full-width ASCII
+            out.append(chr(ord(ch) - 0xFEE0))
+        elif ch == "\u3000":
+            out.append(" ")
+        elif ch in _UNICODE_SYMBOLS:
+            out.append(_UNICODE_SYMBOLS[ch])
+        elif unicodedata.category(ch) == "No" and "\u2044" in unicodedata.normalize("NFKC", ch):
+            num, _, den = unicodedata.normalize("NFKC", ch).partition("\u2044")
+            out.append(f"\\frac{{{num}}}{{{den}}}")
+        else:
+            out.append(ch)
+    s = "".join(out)
+    s = _SUPERSCRIPT_RUN.sub(lambda m: "^{" + "".join(_SUPERSCRIPTS[c] for c in m.group()) + "}", s)
+    return _SQRT.sub(lambda m: "\\sqrt{" if m.group(1) == "{" else f"\\sqrt{{{m.group(1)}}}", s)
+
+
 def _strip_decorations(answer: str, *, keep_percent: bool) -> str:
     """Remove delimiters, units, degrees, currency and LaTeX spacing; keep whitespace."""
-    s = " ".join(answer.split())  # single spaces: no regex below sees a long whitespace run
+    s = " ".join(_unicode_to_latex(answer).split())  # single spaces for the regexes below
     s = _strip_math_delimiters(s)
     s = s.replace("\\$", "").replace("$", "")
     # LaTeX spacing first, so that "5\ \text{cm}" loses its unit rather than keep a "\".
