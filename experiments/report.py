@@ -89,6 +89,15 @@ def _window_means(runs, window) -> dict[int, float]:
     return out
 
 
+def _after_training(runs) -> dict[int, float]:
+    """Per seed: the held-out accuracy after training (finished runs only)."""
+    return {
+        int(seed): r["summary"]["heldout_accuracy_after"]
+        for seed, r in runs.items()
+        if r["summary"].get("heldout_accuracy_after") is not None
+    }
+
+
 # Each variant against GRPO, and the variants that share DynaMO's eps_high 0.28 also against the
 # clip-higher control (GRPO with that clip), which separates the mechanisms from the wider clip.
 PAIRED_REFERENCES = {
@@ -110,19 +119,11 @@ def paired_table(sweep) -> str:
     for ref, variants in PAIRED_REFERENCES.items():
         if ref not in sweep:
             continue
-        ref_after = {
-            int(s): r["summary"]["heldout_accuracy_after"]
-            for s, r in sweep[ref].items()
-            if r["summary"].get("heldout_accuracy_after") is not None
-        }
+        ref_after = _after_training(sweep[ref])
         for v in variants:
             if v not in sweep:
                 continue
-            after = {
-                int(s): r["summary"]["heldout_accuracy_after"]
-                for s, r in sweep[v].items()
-                if r["summary"].get("heldout_accuracy_after") is not None
-            }
+            after = _after_training(sweep[v])
             _, window = last_common_evals([*sweep[v].values(), *sweep[ref].values()])
             end = analysis.paired_difference(after, ref_after)
             late = analysis.paired_difference(
