@@ -8,7 +8,7 @@ start (`dynamo_jax.math_task.require_math_paths`) with a message naming each mis
     python -m experiments.train --config configs/qwen2_5_math_7b_dynamo.py --workdir runs/7b \\
         --config.model.path=/models/Qwen2.5-Math-7B \\
         --config.data.train_path=/data/math_train.jsonl \\
-        --config.eval.benchmarks=AIME24=/data/aime24.jsonl,MATH500=/data/math500.jsonl
+        --config.eval.benchmarks=AIME24=/data/aime24.jsonl,AIME25=/data/aime25.jsonl,AMC23=/data/amc23.jsonl,MATH500=/data/math500.jsonl,Minerva=/data/minerva.jsonl,Olympiad=/data/olympiad.jsonl
 
 `model.path` is a local Hugging Face folder (config.json, *.safetensors, tokenizer files); the
 tokenizer comes from it unless `tokenizer.path` is set. `model.architecture` holds the released

@@ -5,12 +5,15 @@ is warm-started by a short supervised stage (cached in the work dir) until held-
 mid-range, then DynaMO RL raises it.
 
     python -m experiments.train --config configs/arith_tiny.py --workdir runs/arith_tiny
+
+`--config configs/arith_tiny.py:decay5` uses the SPEC 2.3 modulation preset decay5 (alpha 0.4,
+tau 0.9) instead of the default decay6.
 """
 
-from dynamo_jax.config import get_default_config
+from dynamo_jax.config import apply_modulation_preset, get_default_config
 
 
-def get_config():
+def get_config(modulation: str = "decay6"):
     c = get_default_config()
     c.seed = 0
     c.prompts_per_step = 16
@@ -57,4 +60,5 @@ def get_config():
     c.eval.num_prompts = 200
     c.checkpoint_every = 25
     c.keep_checkpoints = 2
+    apply_modulation_preset(c, modulation or "decay6")
     return c

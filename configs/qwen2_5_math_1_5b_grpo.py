@@ -4,8 +4,10 @@ no advantage modulation, eps_high 0.2 (SPEC 6).
     python -m experiments.train --config configs/qwen2_5_math_1_5b_grpo.py \\
         --workdir runs/1_5b_grpo --config.model.path=/models/Qwen2.5-Math-1.5B \\
         --config.data.train_path=/data/train.jsonl \\
-        --config.eval.benchmarks=AIME24=/data/aime24.jsonl,MATH500=/data/math500.jsonl
+        --config.eval.benchmarks=AIME24=/data/aime24.jsonl,AIME25=/data/aime25.jsonl,AMC23=/data/amc23.jsonl,MATH500=/data/math500.jsonl,Minerva=/data/minerva.jsonl,Olympiad=/data/olympiad.jsonl
 
+SPEC 7 reports the average over those six benchmarks (benchmark files name their columns
+with NAME=path?prompt=<column>&answer=<column>, docs/EVALUATION.md).
 model.path and data.train_path are required (checked when the run starts, not here). Shared
 settings and the mesh: configs/_paper.py.
 """

@@ -181,7 +181,9 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.eval.samples_per_prompt = 4  # Pass@1 = mean accuracy over these samples
     # data.task = "math": comma-separated name=path.jsonl benchmark files (AIME24=..., ...)
     c.eval.benchmarks = ""
-    c.eval.pass_k = 32  # report pass@k and maj@k with k = this (<= samples_per_prompt)
+    # Report pass@k and maj@k with k = this (<= samples_per_prompt; a larger k is reported as
+    # pass@samples_per_prompt, with a note). The paper configs use 32 samples and pass@32.
+    c.eval.pass_k = 4
     # Key of the held-out samples; -1 = derived from `seed`. Set it (e.g. 0) to score runs with
     # different RL seeds on the same held-out samples.
     c.eval.seed = -1

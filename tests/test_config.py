@@ -22,6 +22,34 @@ def test_default_config_is_valid_and_has_spec_defaults():
     assert c.train.num_minibatches == 16 and c.advantage.estimator == "grpo"
 
 
+def test_default_evaluation_reports_the_k_it_samples():
+    """pass_k defaulted to 32 with 4 samples per prompt: every run on the defaults reported
+    pass@4 in place of the pass@32 it asked for (with a note). The default asks for what it
+    samples."""
+    c = cfg_lib.get_default_config()
+    assert c.eval.pass_k <= c.eval.samples_per_prompt
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "configs/arith_tiny.py",
+        "configs/qwen2_5_math_1_5b_dynamo.py",
+        "configs/qwen2_5_math_7b_dynamo.py",
+    ],
+)
+def test_the_decay5_preset_is_one_config_argument_away(spec):
+    """SPEC 2.3's preset decay5 (alpha 0.4, tau 0.9) from the command line: --config FILE:decay5.
+    Without the argument the config keeps decay6."""
+    c = cfg_lib.load_config_file(f"{spec}:decay5")
+    assert (c.modulation.alpha, c.modulation.lambda_min, c.modulation.tau) == (0.4, 0.6, 0.9)
+    d = cfg_lib.load_config_file(spec)
+    assert (d.modulation.alpha, d.modulation.tau) == (0.2, 0.99)
+    cfg_lib.validate(c)
+    with pytest.raises(ValueError, match="decay5"):
+        cfg_lib.load_config_file(f"{spec}:decay7")
+
+
 def test_unknown_key_is_rejected_with_suggestion():
     c = cfg_lib.get_default_config().to_dict()
     c["allocation"]["n_hgih"] = 30
