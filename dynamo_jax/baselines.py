@@ -47,7 +47,9 @@ def fork_token_mask(entropy: jax.Array, mask: jax.Array, fraction: float = 0.2) 
     of the scope (n = valid tokens), 0 elsewhere. Only these tokens carry policy gradient."""
     valid = jnp.asarray(mask) > 0
     n = jnp.sum(valid)
-    count = jnp.ceil(fraction * n.astype(jnp.float32)).astype(jnp.int32)
+    # float32 rounds some exact products up (0.3 * 50 = 15.000001 -> ceil 16): a relative 1e-6
+    # below the product before ceil (floor: above) gives the exact integer count.
+    count = jnp.ceil(fraction * n.astype(jnp.float32) * (1.0 - 1e-6)).astype(jnp.int32)
     return _top_count(_f32(entropy), valid, count).astype(jnp.float32)
 
 
@@ -79,7 +81,8 @@ def token_covariance(logp: jax.Array, advantages: jax.Array, mask: jax.Array) ->
 def _selection_count(mask: jax.Array, fraction: float) -> jax.Array:
     """max(floor(fraction * n), 1) for n valid tokens (0 when there are none)."""
     n = jnp.sum(jnp.asarray(mask) > 0)
-    count = jnp.maximum(jnp.floor(fraction * n.astype(jnp.float32)).astype(jnp.int32), 1)
+    product = fraction * n.astype(jnp.float32) * (1.0 + 1e-6)  # see fork_token_mask
+    count = jnp.maximum(jnp.floor(product).astype(jnp.int32), 1)
     return jnp.where(n > 0, count, 0)
 
 
@@ -151,8 +154,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     "entropy_loss": {**_OFF, "loss.eps_high": 0.28, "loss.entropy_coef": 1e-3},
     "fork_tokens": {**_OFF, "loss.eps_high": 0.28, "loss.token_selection": "fork_tokens"},
     "entropy_advantages": {**_OFF, "loss.eps_high": 0.28, "advantage.entropy_shaping_k": 0.4},
-    "clip_cov": {**_OFF, "loss.eps_high": 0.28, "loss.token_selection": "clip_cov"},
-    "kl_cov": {**_OFF, "loss.eps_high": 0.28, "loss.token_selection": "kl_cov"},
+    # Clip-Cov and KL-Cov as in the authors' 7B recipes (Entropy-Mechanism-of-RL, verl
+    # recipe/entropy): Clip-Cov turns the PPO ratio clip off (clip ratios 1 / 1) and detaches
+    # 2e-4 of the tokens; KL-Cov penalises 2e-3 of them (2e-4 is their 32B value).
+    "clip_cov": {
+        **_OFF,
+        "loss.eps_low": 1.0,
+        "loss.eps_high": 1.0,
+        "loss.token_selection": "clip_cov",
+        "loss.cov_fraction": 2e-4,
+    },
+    "kl_cov": {
+        **_OFF,
+        "loss.eps_high": 0.28,
+        "loss.token_selection": "kl_cov",
+        "loss.cov_fraction": 2e-3,
+    },
     "w_reinforce": {**_OFF, "loss.eps_high": 0.28, "advantage.estimator": "w_reinforce"},
     "dr_grpo": {
         **_OFF,

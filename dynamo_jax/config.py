@@ -362,7 +362,12 @@ def validate(config: Any, schema: Any = None) -> None:
     need(get("advantage.eps") > 0, "advantage.eps must be > 0.")
     need(get("advantage.positive_weight") >= 0, "advantage.positive_weight must be >= 0.")
     need(get("advantage.entropy_shaping_k") >= 0, "advantage.entropy_shaping_k must be >= 0.")
-    need(get("advantage.entropy_shaping_kappa") > 0, "advantage.entropy_shaping_kappa must be > 0.")
+    kappa = get("advantage.entropy_shaping_kappa")
+    need(
+        kappa > 1,
+        f"advantage.entropy_shaping_kappa = {kappa} must be > 1: the bonus min(k H, |A| / kappa) "
+        "keeps a negative advantage negative only then (SPEC 6 uses 2).",
+    )
     for field in ("loss.fork_fraction", "loss.cov_fraction"):
         need(0.0 < get(field) <= 1.0, f"{field} = {get(field)} must be in (0, 1].")
     need(
@@ -377,6 +382,12 @@ def validate(config: Any, schema: Any = None) -> None:
         f"advantage.correct_reward = {cr} must be above advantage.incorrect_reward = {ir} "
         "(equal: every advantage is 0; below: RL would push towards wrong answers).",
     )
+    need(
+        get("advantage.estimator") != "w_reinforce" or ir < 0,
+        f"advantage.estimator = w_reinforce needs advantage.incorrect_reward < 0 (got {ir}): its "
+        "advantage is the reward itself for wrong answers (no baseline), so a reward of 0 drops "
+        "the negative samples the method is built on.",
+    )
 
     need(get("modulation.alpha") >= 0, f"modulation.alpha = {get('modulation.alpha')} < 0.")
     lmin = get("modulation.lambda_min")
@@ -390,7 +401,8 @@ def validate(config: Any, schema: Any = None) -> None:
     )
 
     eps_low, eps_high = get("loss.eps_low"), get("loss.eps_high")
-    need(0.0 <= eps_low < 1.0, f"loss.eps_low = {eps_low} must be in [0, 1).")
+    # 1 puts the lower clip at a ratio of 0, i.e. off (Clip-Cov's authors run it so).
+    need(0.0 <= eps_low <= 1.0, f"loss.eps_low = {eps_low} must be in [0, 1].")
     need(eps_high >= 0.0, f"loss.eps_high = {eps_high} must be >= 0.")
     need(
         get("loss.dual_clip") > 1.0,

@@ -188,6 +188,45 @@ def test_presets_validate_and_set_fields():
         baselines.apply_preset(cfg_lib.get_default_config(), "fork_token")
 
 
+def test_token_counts_are_exact_where_float32_rounds_up():
+    """0.3 * 50 is 15.000001 in float32: ceil gave 16 fork tokens, not 15. Every count is the
+    exact ceil (fork tokens) / floor (Clip-Cov, KL-Cov) of fraction * n."""
+    import fractions
+    import math
+
+    for fraction in (0.3, 0.2, 0.002, 2e-4, 0.7):
+        exact = fractions.Fraction(fraction).limit_denominator(10**6)
+        for n in (7, 49, 50, 90, 100, 1000, 1500, 5000):
+            m = jnp.ones((1, n))
+            h = jnp.arange(n, dtype=jnp.float32)[None]
+            assert int(baselines.fork_token_mask(h, m, fraction).sum()) == math.ceil(exact * n)
+            want = max(math.floor(exact * n), 1)
+            assert int(baselines._selection_count(m, fraction)) == want, (fraction, n)
+
+
+def test_cov_presets_follow_the_authors_recipes():
+    """Clip-Cov's 7B recipe turns the PPO clip off (ratios 1 / 1) and detaches 2e-4 of the
+    tokens; KL-Cov's penalises 2e-3 (2e-4 is the 32B value)."""
+    c = baselines.apply_preset(cfg_lib.get_default_config(), "clip_cov")
+    assert (c.loss.eps_low, c.loss.eps_high, c.loss.cov_fraction) == (1.0, 1.0, 2e-4)
+    cfg_lib.validate(c)
+    k = baselines.apply_preset(cfg_lib.get_default_config(), "kl_cov")
+    assert k.loss.cov_fraction == 2e-3
+
+
+def test_config_rejects_baseline_settings_that_undo_the_method():
+    """kappa <= 1 lets Entropy Advantages turn a wrong answer's negative advantage into 0 or a
+    positive one; W-REINFORCE with a reward of 0 for wrong answers has no negative samples."""
+    c = cfg_lib.get_default_config()
+    c.advantage.entropy_shaping_kappa = 0.5
+    with pytest.raises(cfg_lib.ConfigError, match="entropy_shaping_kappa = 0.5 must be > 1"):
+        cfg_lib.validate(c)
+    c = baselines.apply_preset(cfg_lib.get_default_config(), "w_reinforce")
+    c.advantage.incorrect_reward = 0.0
+    with pytest.raises(cfg_lib.ConfigError, match="w_reinforce needs advantage.incorrect_reward"):
+        cfg_lib.validate(c)
+
+
 def test_config_rejects_bad_baseline_fields():
     c = cfg_lib.get_default_config()
     c.loss.fork_fraction = 0.0
