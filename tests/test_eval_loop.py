@@ -255,7 +255,8 @@ def test_scripted_benchmark_exact_numbers(tmp_path):
     ]
     b1 = [  # gold 4, 1/2, 7 (token ids index `texts`)
         [0, 1, 0, 2],  # 2 correct; vote 4 (2) beats 5 -> maj right
-        [3, 4, 4, 5],  # 0.5 and \frac12 correct (2); vote "3" (2) wins -> maj wrong
+        [3, 4, 4, 5],  # 0.5 and \frac{1}{2} correct, one value: 2 votes tie "3" (2); the
+        # earlier, 0.5, wins -> maj right (they used to split and "3" won)
         [6, 6, 1, 2],  # none correct
     ]
     b2 = [[0, 0, 0, 0]]  # gold 4: all correct
@@ -287,11 +288,11 @@ def test_scripted_benchmark_exact_numbers(tmp_path):
     assert m["pass@1"] == pytest.approx((2 / 4 + 2 / 4 + 0) / 3)
     assert m["pass@2"] == pytest.approx((5 / 6 + 5 / 6 + 0) / 3)  # 1 - C(2,2)/C(4,2) = 5/6
     assert m["pass@4"] == pytest.approx(2 / 3)
-    assert m["maj@4"] == pytest.approx(1 / 3)
+    assert m["maj@4"] == pytest.approx(2 / 3)
     assert m["maj@2"] == pytest.approx(2 / 3)  # ties go to the earliest answer
     per_problem = results["b1"]["details"]["b1"]["per_problem"]
     assert [p["num_correct"] for p in per_problem] == [2, 2, 0]
-    assert [p["maj@4"] for p in per_problem] == [True, False, False]
+    assert [p["maj@4"] for p in per_problem] == [True, True, False]
     assert results["b2"]["benchmarks"]["b2"]["pass@1"] == 1.0
 
     # Both benchmarks in one call: the average row is the unweighted mean over benchmarks.
@@ -315,7 +316,7 @@ def test_scripted_benchmark_exact_numbers(tmp_path):
     )
     assert data["average"]["pass@1"] == pytest.approx(((1 / 3) + 1.0) / 2)
     assert data["average"]["num_problems"] == 4
-    assert "| **average** | 4 | 66.7 | 83.3 | 66.7 |" in markdown  # pass@1, pass@4, maj@4
+    assert "| **average** | 4 | 66.7 | 83.3 | 83.3 |" in markdown  # pass@1, pass@4, maj@4
     assert (tmp_path / "scripted.md").exists() and (tmp_path / "scripted.json").exists()
 
 
