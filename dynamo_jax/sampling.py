@@ -566,6 +566,17 @@ def _host(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
+@functools.lru_cache(maxsize=64)
+def _zeros_program(shape: tuple[int, ...], dtype: Any, count: int, sharding: Any) -> Any:
+    """One jitted program per (shape, dtype, count, sharding) that creates `count` zero arrays
+    where they live. Cached: a fresh ``jax.jit`` of a new lambda compiled again at every call,
+    once per RL step after the trainer releases the row cache."""
+    return jax.jit(
+        lambda: tuple(jnp.zeros(shape, dtype) for _ in range(count)),
+        out_shardings=None if sharding is None else (sharding,) * count,
+    )
+
+
 class Sampler:
     """Compiled rollout sampler; build once, call ``generate`` every step.
 
@@ -708,10 +719,7 @@ class Sampler:
         else:
             sharding = None
         n = cache_shape[0]
-        zeros = jax.jit(
-            lambda: tuple(jnp.zeros(layer_shape, dtype) for _ in range(2 * n)),
-            out_shardings=None if sharding is None else (sharding,) * (2 * n),
-        )()
+        zeros = _zeros_program(tuple(layer_shape), jnp.dtype(dtype), 2 * n, sharding)()
         return KVCache(k=zeros[:n], v=zeros[n:])
 
     # ------------------------------------------------------------------ the call

@@ -406,3 +406,19 @@ def test_at_most_one_row_cache_is_kept(model):
     assert kept.k[0].shape[2] >= 12  # the 16-bucket's cache, the 8-bucket's was dropped
     s.release_buffers()
     assert not s._buffers
+
+
+def test_a_released_row_cache_is_rebuilt_without_compiling(model):
+    """The trainer releases the row cache after every step's sampling: rebuilding it must not
+    compile anything (a fresh jax.jit of a new lambda compiled once per step)."""
+    from dynamo_jax.compilation import CompileCounter
+
+    s = Sampler(model, eos_ids=(EOS,), pad_id=PAD, spec=SPEC)
+    rng = np.random.default_rng(0)
+    prompts = _prompts(rng, [3, 5])
+    s.generate(nnx.state(model), prompts, np.arange(2), np.array([2, 2]), jax.random.key(0))
+    for step in range(2):
+        s.release_buffers()
+        with CompileCounter() as c:
+            s.generate(nnx.state(model), prompts, np.arange(2), np.array([2, 2]), jax.random.key(1))
+        assert c.count == 0, (step, c.count)
