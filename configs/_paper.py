@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from dynamo_jax.config import get_default_config
+from dynamo_jax.config import apply_modulation_preset, get_default_config
 
 # Hugging Face config.json of Qwen/Qwen2.5-Math-1.5B and Qwen/Qwen2.5-Math-7B.
 ARCHITECTURES: dict[str, dict] = {
@@ -64,8 +64,9 @@ ARCHITECTURES: dict[str, dict] = {
 METHODS = ("dynamo", "grpo")
 
 
-def paper_config(model: str, method: str) -> ml_collections.ConfigDict:
-    """The SPEC-5 run of `method` ("dynamo" | "grpo") on Qwen2.5-Math-`model` ("1.5b" | "7b")."""
+def paper_config(model: str, method: str, modulation: str = "decay6") -> ml_collections.ConfigDict:
+    """The SPEC-5 run of `method` ("dynamo" | "grpo") on Qwen2.5-Math-`model` ("1.5b" | "7b"),
+    with the SPEC 2.3 modulation preset `modulation` ("decay6" | "decay5"; "" = decay6)."""
     if model not in ARCHITECTURES:
         raise ValueError(f"model {model!r}: choose one of {sorted(ARCHITECTURES)}")
     if method not in METHODS:
@@ -143,4 +144,5 @@ def paper_config(model: str, method: str) -> ml_collections.ConfigDict:
     c.mesh.data = 1
     c.mesh.fsdp = -1  # every device
     c.mesh.tensor = 1
+    apply_modulation_preset(c, modulation or "decay6")
     return c

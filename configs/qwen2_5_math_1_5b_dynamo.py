@@ -14,10 +14,7 @@ settings and the mesh: configs/_paper.py. The SPEC 2.3 preset decay5 instead of 
 """
 
 from configs._paper import paper_config
-from dynamo_jax.config import apply_modulation_preset
 
 
 def get_config(modulation: str = "decay6"):
-    c = paper_config("1.5b", "dynamo")
-    apply_modulation_preset(c, modulation or "decay6")
-    return c
+    return paper_config("1.5b", "dynamo", modulation)
