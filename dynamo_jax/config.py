@@ -193,7 +193,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.sft.num_examples = 6000  # synthetic tasks: size of the warm-start pool
     c.sft.batch_size = 64
     c.sft.learning_rate = 3e-3
-    c.sft.target_accuracy = 0.0  # stop early once held-out accuracy reaches this
+    c.sft.target_accuracy = 0.0  # stop early once validation accuracy reaches this (0: never)
     c.sft.label_noise = 0.0  # synthetic tasks: share of warm-start answers with a wrong digit
     c.sft.eval_every = 50
     c.sft.seed = 0  # data order of the warm start (independent of the RL `seed`)

@@ -73,7 +73,8 @@ def supervised_warm_start(
     log: Callable[[str], None] = print,
 ) -> tuple[nnx.Module, dict[str, Any]]:
     """Trains `model` in place for up to `steps` steps; stops early once `evaluate(model)`
-    (held-out accuracy) reaches `target_accuracy` (> 0). Returns (model, summary)."""
+    (the accuracy on a validation split, not on what the run reports) reaches `target_accuracy`
+    (> 0). Returns (model, summary); its `sft_accuracy` is that score of the returned model."""
     graphdef, params, rest = ts.split_model(model)
     prompt_len = max(len(p) for p in prompts)
     answer_len = max(len(a) for a in answers)
@@ -104,7 +105,7 @@ def supervised_warm_start(
             accuracy = evaluate(model)
             log(
                 f"sft step {done}: loss {np.mean(losses[-eval_every:]):.4f}, "
-                f"held-out accuracy {accuracy:.3f}"
+                f"validation accuracy {accuracy:.3f}"
             )
             if accuracy >= target_accuracy:
                 break
@@ -112,7 +113,7 @@ def supervised_warm_start(
     if evaluate is not None and target_accuracy > 0 and done % eval_every:
         # The last evaluation was of an earlier model: score the one returned.
         accuracy = evaluate(model)
-        log(f"sft step {done}: held-out accuracy {accuracy:.3f}")
+        log(f"sft step {done}: validation accuracy {accuracy:.3f}")
     return model, {
         "sft_steps": done,
         "sft_final_loss": float(np.mean(losses[-10:])),

@@ -37,7 +37,7 @@ from dynamo_jax import config as config_lib
 from dynamo_jax import sharding as shd
 from dynamo_jax import train_step as ts
 from dynamo_jax.allocation import AllocationPolicy, PromptStats
-from dynamo_jax.data.iterator import PromptIterator
+from dynamo_jax.data.iterator import PromptIterator, records_digest
 from dynamo_jax.data.sources import DataError
 from dynamo_jax.metrics import MetricsWriter
 from dynamo_jax.models.config import UnsupportedConfigError
@@ -85,6 +85,10 @@ class Task:
     verify: Callable[[list[str], list[str]], np.ndarray]
     max_new_tokens: int
     sft_examples: list[dict[str, str]] | None = None  # supervised warm-start data
+    # What the warm start's early stop (sft.target_accuracy) is scored on: problems of the
+    # held-out set's distribution that are neither trained on nor reported. None: the held-out
+    # set (tasks without a validation split; the run's log says so).
+    validation: list[dict[str, str]] | None = None
 
     def encode_prompt(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
@@ -95,24 +99,31 @@ def build_task(config: Any, workdir: str) -> Task:
         from dynamo_jax.tasks import arithmetic
         from dynamo_jax.tokenizer import load_tokenizer
 
-        train, heldout = arithmetic.make_splits(
-            config.data.seed, config.data.num_train, config.data.num_heldout
-        )
+        # One pool dealt into four disjoint splits with the same difficulty mix. The warm-start
+        # pool (disjoint from the RL and held-out prompts: RL then works on problems the model
+        # has not memorised, like the held-out ones) and the validation slice that stops the warm
+        # start early are drawn even when no warm start runs, so that the held-out set does not
+        # depend on sft.steps.
+        try:
+            splits = arithmetic.make_splits(
+                config.data.seed,
+                config.data.num_train,
+                config.data.num_heldout,
+                num_warm_start=config.sft.num_examples,
+                num_validation=config.data.num_heldout,
+            )
+        except ValueError as err:
+            raise RunError(
+                f"data.num_train = {config.data.num_train}, data.num_heldout = "
+                f"{config.data.num_heldout} (twice: held-out and the warm start's validation "
+                f"slice) and sft.num_examples = {config.sft.num_examples} ask for more distinct "
+                f"arithmetic problems than the task has ({err}): lower them."
+            ) from None
+        train, heldout = splits.train, splits.heldout
         path = config.tokenizer.path or os.path.join(workdir, "tokenizer", "arith_sp.model")
         if not os.path.exists(path):
             path = arithmetic.train_tokenizer(train, os.path.dirname(path))
-        # A separate pool for the warm start, disjoint from the RL and held-out prompts: RL then
-        # works on problems the model has not memorised, like the held-out ones.
-        sft_pool = (
-            arithmetic.make_problems(
-                config.sft.num_examples,
-                config.data.seed,
-                "sft",
-                exclude={r["prompt"] for r in heldout + train},
-            )
-            if config.sft.steps > 0
-            else None
-        )
+        sft_pool = splits.warm_start if config.sft.steps > 0 else None
         if sft_pool is not None and config.sft.label_noise > 0:
             sft_pool = arithmetic.with_label_noise(
                 sft_pool, config.sft.label_noise, config.data.seed
@@ -122,7 +133,12 @@ def build_task(config: Any, workdir: str) -> Task:
             tokenizer,
             path,
             config,
-            (("held-out", heldout), ("training", train), ("warm-start", sft_pool or [])),
+            (
+                ("held-out", heldout),
+                ("training", train),
+                ("warm-start", sft_pool or []),
+                ("validation", splits.validation),
+            ),
         )
         return Task(
             train,
@@ -131,6 +147,7 @@ def build_task(config: Any, workdir: str) -> Task:
             arithmetic.verify,
             config.sampling.max_new_tokens,
             sft_pool,
+            splits.validation,
         )
     if config.data.task == "math":
         from dynamo_jax.math_task import build_math_task
@@ -235,20 +252,36 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 _WARM_START_FIELDS = ("model", "tokenizer", "data", "sft")
 
 
-def warm_start_fingerprint(config: Any) -> dict[str, Any]:
-    """The config fields a cached warm start was made with (JSON-able, flat dotted keys)."""
+def _warm_start_records(task: Task) -> tuple[list[Any], list[Any]]:
+    """(what the warm start trains on, what its early stop is scored on)."""
+    examples = task.sft_examples or task.train
+    return examples, task.validation if task.validation else task.heldout
+
+
+def warm_start_fingerprint(config: Any, task: Task | None = None) -> dict[str, Any]:
+    """The config fields a cached warm start was made with (JSON-able, flat dotted keys), and
+    with `task` a digest of the records it trained on and was stopped by: the config alone does
+    not pin those down (the arithmetic splits were once drawn differently from the same
+    settings)."""
     flat: dict[str, Any] = {}
     for section in _WARM_START_FIELDS:
         flat.update(_flatten(config[section], section))
     for unused in ("model.path", "model.remat"):  # change nothing the warm start learned
         flat.pop(unused, None)
-    if config.sft.target_accuracy > 0:  # when it stops depends on how held-out accuracy is scored
+    if config.sft.target_accuracy > 0:  # when it stops depends on how its accuracy is scored
         everything = _flatten(config)
         flat.update({key: everything[key] for key in _EARLY_STOP_FIELDS})
+    if task is not None and config.sft.steps > 0:
+        examples, scored = _warm_start_records(task)
+        stop = scored[: config.eval.num_prompts] if config.sft.target_accuracy > 0 else []
+        flat[_DATA_DIGEST] = records_digest([examples, stop])
     return json.loads(json.dumps(flat))
 
 
-# The settings of the held-out accuracy that stops a warm start at sft.target_accuracy.
+# The fingerprint's hash of the warm start's training records and early-stop records.
+_DATA_DIGEST = "data.warm_start_digest"
+
+# The settings of the (validation) accuracy that stops a warm start at sft.target_accuracy.
 _EARLY_STOP_FIELDS = (
     "eval.num_prompts",
     "eval.samples_per_prompt",
@@ -278,8 +311,10 @@ def check_warm_start(sft_dir: str, fingerprint: dict[str, Any]) -> None:
     if saved is None:
         return  # made before fingerprints existed: nothing to compare
     # A field the cache did not record (made before it was part of the fingerprint) is not
-    # held against it.
-    diff = sorted(k for k in saved if saved.get(k) != fingerprint.get(k))
+    # held against it, except the data's digest: without it, what the cache learned from is
+    # unknown.
+    required = [k for k in (_DATA_DIGEST,) if k in fingerprint and k not in saved]
+    diff = sorted(k for k in saved if saved.get(k) != fingerprint.get(k)) + required
     if diff:
         shown = ", ".join(f"{k}: cached {saved.get(k)!r}, now {fingerprint.get(k)!r}" for k in diff)
         raise RunError(
@@ -303,7 +338,8 @@ def build_model(config: Any, task: Task, workdir: str, mesh: Any, log: Callable[
             remat=config.model.remat,
         ), {}
     sft_dir = os.path.join(workdir, "sft_model")
-    fingerprint = warm_start_fingerprint(config)
+    fingerprint = warm_start_fingerprint(config, task)
+    examples, scored = _warm_start_records(task)
     if os.path.exists(os.path.join(sft_dir, "config.json")):
         check_warm_start(sft_dir, fingerprint)
         log(f"loading the cached supervised warm start from {sft_dir}")
@@ -327,17 +363,22 @@ def build_model(config: Any, task: Task, workdir: str, mesh: Any, log: Callable[
         from dynamo_jax import sft
 
         eos = task.tokenizer.eos_ids[0]
-        examples = task.sft_examples or task.train
         prompts = [task.encode_prompt(r["prompt"]) for r in examples]
         answers = [task.tokenizer.encode(r["answer"]) + [eos] for r in examples]
         sampler = make_sampler(config, model, task, num_rows=None)
 
-        def held_out_accuracy(m):
+        if config.sft.target_accuracy > 0 and not task.validation:
+            log(
+                "this task has no validation split: the warm start's early stop "
+                "(sft.target_accuracy) is scored on the held-out prompts"
+            )
+
+        def validation_accuracy(m):
             return evaluate(
                 sampler,
                 nnx_state(m),
                 task,
-                task.heldout[: config.eval.num_prompts],
+                scored[: config.eval.num_prompts],
                 config,
                 jax.random.key(0),
             )["accuracy"]
@@ -352,7 +393,7 @@ def build_model(config: Any, task: Task, workdir: str, mesh: Any, log: Callable[
             learning_rate=config.sft.learning_rate,
             pad_id=task.tokenizer.pad_id,
             seed=config.sft.seed,
-            evaluate=held_out_accuracy,
+            evaluate=validation_accuracy,
             eval_every=config.sft.eval_every,
             target_accuracy=config.sft.target_accuracy,
             log=log,

@@ -426,3 +426,19 @@ def test_iterator_validation():
         it.restore({"epoch": 0, "position": 0, "num_records": 3})
     with pytest.raises(ValueError, match="bad iterator state"):
         it.restore({"epoch": 0, "position": 99})
+
+
+def test_iterator_refuses_a_state_over_other_records_of_the_same_count():
+    """A resume over records that were regenerated differently (same count, other contents)
+    would continue another run's data order over other prompts without a word."""
+    it = PromptIterator(RECORDS, batch_size=2, seed=0)
+    next(it)
+    state = it.state()
+    same = PromptIterator(list(RECORDS), batch_size=2, seed=0)
+    same.restore(state)
+    assert same.state() == state
+    other = PromptIterator(list(reversed(RECORDS)), batch_size=2, seed=0)
+    with pytest.raises(ValueError, match="other records"):
+        other.restore(state)
+    old = {k: v for k, v in state.items() if k != "digest"}  # a checkpoint from before digests
+    other.restore(old)

@@ -8,10 +8,18 @@ all a checkpoint needs to resume with exactly the next prompt.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+
+
+def records_digest(records: Sequence[Any]) -> str:
+    """A short hash of records' contents (JSON, keys sorted): equal data gives equal digests."""
+    text = json.dumps(list(records), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class PromptIterator:
@@ -53,6 +61,15 @@ class PromptIterator:
         self._position = 0
         self._order_epoch = -1
         self._order = np.arange(0)
+        self._digest: str | None = None
+
+    @property
+    def digest(self) -> str:
+        """A hash of the records' contents (computed once): a resumed run must iterate over the
+        same records, not only as many."""
+        if self._digest is None:
+            self._digest = records_digest(self.records)
+        return self._digest
 
     @property
     def epoch(self) -> int:
@@ -93,20 +110,27 @@ class PromptIterator:
     def __iter__(self) -> Iterator[list[Any]]:
         return self
 
-    def state(self) -> dict[str, int]:
+    def state(self) -> dict[str, Any]:
         """Small, JSON-able: resume with `restore` to continue with the next unseen prompt."""
         return {
             "epoch": self._epoch,
             "position": self._position,
             "seed": self.seed,
             "num_records": len(self.records),
+            "digest": self.digest,
         }
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Continue from `state()`. The seed and record count must match (same data)."""
+        """Continue from `state()`. The seed, the record count and (in states that record it)
+        the records' digest must match: the same data."""
         for key, mine in (("seed", self.seed), ("num_records", len(self.records))):
             if key in state and int(state[key]) != mine:
                 raise ValueError(f"iterator state has {key}={int(state[key])}, this one {mine}")
+        if "digest" in state and state["digest"] != self.digest:
+            raise ValueError(
+                f"iterator state is over other records (digest {state['digest']}, these "
+                f"{self.digest}): the same number of records, different contents"
+            )
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or not 0 <= position <= len(self.records):
             raise ValueError(f"bad iterator state {state}")

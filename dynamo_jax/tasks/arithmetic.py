@@ -8,14 +8,15 @@ Answers are written least-significant digit first (`12+79=` -> `19`, i.e. 91 rev
 then only depends on digits already written, which a tiny causal model learns in minutes on a
 CPU (with most-significant-first answers it needs far longer to get off the ground).
 
-    train, heldout = make_splits(seed=0, num_train=2000, num_heldout=200)
-    record = train[0]            # {"id": "arith-train-00000", "prompt": "12+7=", "answer": "91"}
+    splits = make_splits(seed=0, num_train=2000, num_heldout=200, num_warm_start=6000)
+    record = splits.train[0]     # {"id": "arith-train-00000", "prompt": "12+7=", "answer": "91"}
     verify(["91", " 91 ", "20"], ["91", "91", "91"]) -> [True, True, False]
 """
 
 from __future__ import annotations
 
 import zlib
+from typing import NamedTuple
 
 import numpy as np
 
@@ -76,13 +77,68 @@ def make_problems(
     return out
 
 
+class Splits(NamedTuple):
+    """The task's disjoint problem sets (`make_splits`)."""
+
+    train: list[dict[str, str]]  # the RL prompts
+    heldout: list[dict[str, str]]  # the reported held-out accuracy
+    warm_start: list[dict[str, str]]  # the supervised warm start's training pool
+    validation: list[dict[str, str]]  # what stops the warm start early (not the held-out set)
+
+
+def difficulty_class(prompt: str) -> str:
+    """`"+2x1"`: the operator and the digit counts of the two operands of `a op b =`."""
+    for op in "+-*":
+        if op in prompt:
+            a, b = prompt.rstrip("=").split(op)
+            return f"{op}{len(a)}x{len(b)}"
+    raise ValueError(f"not an arithmetic prompt: {prompt!r}")
+
+
 def make_splits(
-    seed: int = 0, num_train: int = 2000, num_heldout: int = 200
-) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """(train, heldout): disjoint sets of problems (no held-out prompt text is in train)."""
-    heldout = make_problems(num_heldout, seed, "heldout")
-    train = make_problems(num_train, seed, "train", exclude={r["prompt"] for r in heldout})
-    return train, heldout
+    seed: int = 0,
+    num_train: int = 2000,
+    num_heldout: int = 200,
+    num_warm_start: int = 0,
+    num_validation: int = 0,
+) -> Splits:
+    """Disjoint problem sets with the same difficulty mix.
+
+    All problems are drawn as one pool of distinct problems and dealt out to the splits class by
+    class (`difficulty_class`), so every split holds each class in proportion to its size, up to
+    one problem. (Drawing each split on its own, excluding the earlier ones, gives the first split
+    most of the few single-digit problems: 255 exist, and a pool of thousands asks for more.)
+    The pool, and so every split, depends on all four sizes.
+    """
+    sizes = {
+        "heldout": num_heldout,
+        "train": num_train,
+        "sft": num_warm_start,
+        "val": num_validation,
+    }
+    if min(sizes.values()) < 0:
+        raise ValueError(f"split sizes must be >= 0, got {sizes}")
+    pool = make_problems(sum(sizes.values()), seed, "pool")
+    rng = np.random.default_rng([seed, zlib.crc32(b"deal")])
+    # Class-sorted (random within a class), then dealt like a Bresenham line: each problem goes
+    # to the split furthest behind its share, which gives every run of one class to the splits
+    # in proportion to their sizes and every split exactly its size.
+    within = rng.permutation(len(pool))
+    order = sorted(range(len(pool)), key=lambda i: (difficulty_class(pool[i]["prompt"]), within[i]))
+    names = [n for n in sizes if sizes[n] > 0]
+    share = np.array([sizes[n] for n in names], np.float64) / max(1, len(pool))
+    dealt: dict[str, list[dict[str, str]]] = {n: [] for n in sizes}
+    counts = np.zeros(len(names))
+    for done, i in enumerate(order):
+        j = int(np.argmax(share * (done + 1) - counts))
+        counts[j] += 1
+        dealt[names[j]].append(pool[i])
+    out = {}
+    for name, records in dealt.items():
+        assert len(records) == sizes[name], (name, len(records), sizes[name])
+        records = [records[k] for k in rng.permutation(len(records))]  # any prefix is a sample
+        out[name] = [{**r, "id": f"arith-{name}-{k:05d}"} for k, r in enumerate(records)]
+    return Splits(out["train"], out["heldout"], out["sft"], out["val"])
 
 
 def extract_answer(response: str) -> str:
