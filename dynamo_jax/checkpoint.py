@@ -84,19 +84,9 @@ class RunCheckpointer:
     def saved_arrays(self, step: int) -> list[tuple[tuple[int, ...], str]] | None:
         """Sorted (shape, dtype) of the arrays of the train state saved at `step`, from the
         checkpoint's metadata (None when it cannot be read)."""
-        import logging
-
-        path = os.path.join(self.directory, str(step), "state")
-        absl_logger = logging.getLogger("absl")
-        level = absl_logger.level
-        absl_logger.setLevel(logging.ERROR)  # "Metadata file does not exist" is harmless here
-        try:
-            meta = ocp.StandardCheckpointer().metadata(path)
-        except Exception:  # an unreadable or older layout: let the restore itself decide
+        tree = state_metadata(self.directory, step)
+        if tree is None:
             return None
-        finally:
-            absl_logger.setLevel(level)
-        tree = getattr(meta, "item_metadata", meta)
         leaves = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape"))
         return sorted((tuple(x.shape), str(np.dtype(x.dtype))) for x in leaves)
 
@@ -133,3 +123,24 @@ class RunCheckpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def state_metadata(directory: str | os.PathLike, step: int) -> Any | None:
+    """The metadata tree (shapes and dtypes, no array read) of the train state a
+    `RunCheckpointer` saved at `step` under `directory`, or None when it cannot be read (an
+    unreadable or older layout: the restore itself then decides). The one reader of checkpoint
+    metadata: the trainer's resume check and `experiments/eval.py`'s parameter check use it."""
+    import logging
+
+    path = os.path.join(os.fspath(directory), str(step), "state")
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # "Metadata file does not exist" is harmless here
+    try:
+        meta = ocp.StandardCheckpointer().metadata(path)
+    except Exception:
+        return None
+    finally:
+        absl_logger.setLevel(level)
+    tree = getattr(meta, "item_metadata", meta)
+    return getattr(tree, "tree", tree)

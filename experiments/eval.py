@@ -160,6 +160,7 @@ def restore_params(
     import jax
     import orbax.checkpoint as ocp
 
+    from dynamo_jax import checkpoint as ckpt_lib
     from dynamo_jax import sharding as shd
 
     shardings = shd.state_shardings(abstract_params, mesh)
@@ -180,9 +181,8 @@ def restore_params(
 
     try:
         # Checked before reading: a failed Orbax read prints pages of tracebacks from its threads.
-        saved = manager.item_metadata(step)["state"]
-        saved = getattr(saved, "tree", saved)
-        differences = param_differences(saved["params"], item["params"])
+        saved = ckpt_lib.state_metadata(directory, step)
+        differences = [] if saved is None else param_differences(saved["params"], item["params"])
         if differences:
             raise mismatch(differences)
         try:
