@@ -192,3 +192,35 @@ def test_a_cached_warm_start_must_have_learned_from_the_same_records(tmp_path):
         trainer.check_warm_start(str(cache), fp)
     config.sft.steps = 0  # no warm start: nothing to compare
     assert trainer._DATA_DIGEST not in trainer.warm_start_fingerprint(config, task)
+
+
+def test_the_warm_start_is_stopped_by_the_validation_split_not_the_held_out_set(
+    tmp_path, monkeypatch
+):
+    """build_model scores the early stop on Task.validation (it scored task.heldout)."""
+    from configs import arith_tiny
+    from dynamo_jax import sharding as shd
+    from dynamo_jax import trainer
+
+    config = arith_tiny.get_config()
+    config.model.architecture.update(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    config.sft.steps, config.sft.eval_every, config.sft.batch_size = 2, 1, 8
+    config.eval.num_prompts = 5
+    task = trainer.build_task(config, str(tmp_path))
+    scored = []
+
+    def fake_evaluate(sampler, params, task, records, config, key):
+        scored.append([r["id"] for r in records])
+        return {"accuracy": 0.0}
+
+    monkeypatch.setattr(trainer, "evaluate", fake_evaluate)
+    mesh = shd.make_mesh(data=-1, fsdp=1, tensor=1)
+    trainer.build_model(config, task, str(tmp_path), mesh, log=lambda _: None)
+    assert scored == [[r["id"] for r in task.validation[:5]]] * 2
+    assert all(i.startswith("arith-val-") for i in scored[0])
