@@ -137,7 +137,9 @@ def state_metadata(directory: str | os.PathLike, step: int) -> Any | None:
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)  # "Metadata file does not exist" is harmless here
     try:
-        meta = ocp.StandardCheckpointer().metadata(path)
+        # Closed at once, so that its threads and event loop do not outlive the call.
+        with ocp.StandardCheckpointer() as checkpointer:
+            meta = checkpointer.metadata(path)
     except Exception:
         return None
     finally:
