@@ -313,8 +313,9 @@ def check_warm_start(sft_dir: str, fingerprint: dict[str, Any]) -> None:
     # A field the cache did not record (made before it was part of the fingerprint) is not
     # held against it, except the data's digest: without it, what the cache learned from is
     # unknown.
-    required = [k for k in (_DATA_DIGEST,) if k in fingerprint and k not in saved]
-    diff = sorted(k for k in saved if saved.get(k) != fingerprint.get(k)) + required
+    diff = sorted(k for k in saved if saved.get(k) != fingerprint.get(k))
+    if _DATA_DIGEST in fingerprint and _DATA_DIGEST not in saved:
+        diff.append(_DATA_DIGEST)
     if diff:
         shown = ", ".join(f"{k}: cached {saved.get(k)!r}, now {fingerprint.get(k)!r}" for k in diff)
         raise RunError(

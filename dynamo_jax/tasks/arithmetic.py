@@ -105,9 +105,10 @@ def make_splits(
     """Disjoint problem sets with the same difficulty mix.
 
     All problems are drawn as one pool of distinct problems and dealt out to the splits class by
-    class (`difficulty_class`), so every split holds each class in proportion to its size, up to
-    one problem. (Drawing each split on its own, excluding the earlier ones, gives the first split
-    most of the few single-digit problems: 255 exist, and a pool of thousands asks for more.)
+    class (`difficulty_class`), so every split holds each class in proportion to its size,
+    within a problem or two. (Drawing each split on its own, excluding the earlier ones, gives
+    the first split most of the few single-digit problems: 255 exist, and a pool of thousands
+    asks for more.)
     The pool, and so every split, depends on all four sizes.
     """
     sizes = {
