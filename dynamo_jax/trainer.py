@@ -760,8 +760,26 @@ def train(
             f"the {jax.device_count()} devices here ({err}); -1 takes the devices left over."
         ) from None
     compilation.install()
+    # The task (a math task's verifier processes) and the checkpoint manager (Orbax's threads)
+    # are closed however the run ends: a caller that catches a refused resume or an
+    # out-of-memory error, as a notebook does, keeps no workers or pending reads behind.
+    with contextlib.ExitStack() as cleanup:
+        return _train(config, workdir, mesh, cleanup, progress=progress, log=log)
 
+
+def _train(
+    config: Any,
+    workdir: str,
+    mesh: Any,
+    cleanup: contextlib.ExitStack,
+    *,
+    progress: bool,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    is_main = is_main_process()
     task = build_task(config, workdir)
+    if hasattr(task, "close"):
+        cleanup.callback(task.close)
     check_task_fits(config, task, log)
     model, sft_summary = build_model(config, task, workdir, mesh, log)
     eval_sampler = make_sampler(config, model, task, num_rows=None)
@@ -772,6 +790,7 @@ def train(
     checkpointer = ckpt_lib.RunCheckpointer(
         os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints
     )
+    cleanup.callback(checkpointer.close)
     start_step = 0
     try:
         restored = checkpointer.restore_latest(state)
@@ -815,7 +834,6 @@ def train(
                     f"the run already finished its {config.train.num_steps} steps (summary.json): "
                     "nothing to do; raise train.num_steps to train on"
                 )
-                checkpointer.close()
                 summary["final_state"] = state
                 return summary
     summary["heldout_accuracy_before"] = before.get("eval_accuracy")
@@ -861,7 +879,6 @@ def train(
                 )
     finally:
         writer.close()
-        checkpointer.close()
 
     if after is None:
         after = heldout_metrics(
@@ -872,8 +889,6 @@ def train(
         summary["heldout_after"] = after
         log(f"held-out accuracy after RL:  {after['eval_accuracy']:.3f}")
     summary["steps"] = config.train.num_steps
-    if hasattr(task, "close"):
-        task.close()
     if is_main:
         with open(summary_path, "w") as f:
             json.dump(summary, f, indent=2)

@@ -269,10 +269,33 @@ def test_out_of_memory_is_explained_with_the_fields_to_change():
 
 def test_train_loop_explains_an_out_of_memory_step(monkeypatch, tmp_path):
     """trainer.train wraps each RL step and each held-out evaluation in the guard (each is
-    replaced by a real OOM in turn)."""
+    replaced by a real OOM in turn). However the run fails, it closes what it opened: the
+    checkpoint manager and the task (a math task's verifier processes); the evaluation before
+    RL used to fail with both left open."""
     import importlib.util
 
-    from dynamo_jax import trainer
+    from dynamo_jax import checkpoint, trainer
+
+    opened, closed = [], []
+
+    class Tracked(checkpoint.RunCheckpointer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
+        def close(self):
+            closed.append(self)
+            super().close()
+
+    def tracked_task(*args, **kwargs):
+        task = build_task(*args, **kwargs)
+        task.close = lambda: closed.append(task)
+        opened.append(task)
+        return task
+
+    build_task = trainer.build_task
+    monkeypatch.setattr(trainer.ckpt_lib, "RunCheckpointer", Tracked)
+    monkeypatch.setattr(trainer, "build_task", tracked_task)
 
     spec = importlib.util.spec_from_file_location("arith_tiny", ROOT / "configs" / "arith_tiny.py")
     module = importlib.util.module_from_spec(spec)
@@ -286,6 +309,7 @@ def test_train_loop_explains_an_out_of_memory_step(monkeypatch, tmp_path):
     monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: _out_of_memory())
     with pytest.raises(MemoryError, match="^The held-out evaluation at step 0 ran out of device"):
         trainer.train(c, str(tmp_path), progress=False, log=lambda msg: None)
+    assert len(opened) == 4 and sorted(map(id, closed)) == sorted(map(id, opened))
 
 
 def test_resume_lists_the_settings_that_changed(tmp_path):
