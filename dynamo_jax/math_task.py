@@ -302,6 +302,32 @@ def _with_benchmark_ids(benchmarks: Mapping[str, list[dict[str, str]]]) -> list[
     ]
 
 
+def warm_start_split(
+    config: Any, train: Sequence[dict[str, str]]
+) -> tuple[list[dict[str, str]] | None, list[dict[str, str]] | None]:
+    """(warm-start examples, validation) for a warm start with an early stop, else (None, None).
+
+    A supervised warm start that stops at ``sft.target_accuracy`` needs problems it has not
+    trained on, and that the run does not report (the benchmarks). It gets ``eval.num_prompts``
+    training problems, drawn with ``data.seed``, and trains on the rest. RL still samples from
+    every training problem: the early stop is the only thing scored on the validation problems.
+    """
+    if config.sft.steps <= 0 or config.sft.target_accuracy <= 0:
+        return None, None
+    n = config.eval.num_prompts
+    if n >= len(train):
+        raise ConfigError(
+            f"sft.target_accuracy = {config.sft.target_accuracy} scores the warm start on "
+            f"eval.num_prompts = {n} training problems it does not train on, but "
+            f"data.train_path={config.data.train_path!r} holds {len(train)}: lower "
+            "eval.num_prompts, or set sft.target_accuracy=0 to train for sft.steps"
+        )
+    order = np.random.default_rng(config.data.seed).permutation(len(train))
+    held = set(order[:n].tolist())
+    examples = [r for i, r in enumerate(train) if i not in held]
+    return examples, [train[i] for i in sorted(held)]
+
+
 def build_math_task(
     config: Any, workdir: str | None = None, *, verifier_workers: int | None = None
 ) -> MathTask:
@@ -317,11 +343,14 @@ def build_math_task(
         raise ConfigError(f"build_math_task needs data.task='math', got {config.data.task!r}")
     require_math_paths(config)
     train = load_train_records(config)
+    sft_examples, validation = warm_start_split(config, train)
     benchmarks = load_benchmarks(config) if config.eval.benchmarks else {}
     tokenizer = load_math_tokenizer(config)
     return MathTask(
         train=train,
         heldout=_with_benchmark_ids(benchmarks),
+        sft_examples=sft_examples,
+        validation=validation,
         tokenizer=tokenizer,
         verify=MathVerify(verifier_workers),
         max_new_tokens=config.sampling.max_new_tokens,

@@ -130,6 +130,32 @@ def test_build_math_task(tokenizer_dir, data_dir):
         task.close()
 
 
+def test_math_warm_start_stops_on_training_problems_it_does_not_train_on(tokenizer_dir, data_dir):
+    """A math warm start with an early stop is scored on eval.num_prompts training problems
+    held out of its examples (it used to be scored on the benchmarks the run reports); RL still
+    samples every training problem, and without an early stop nothing is held out."""
+    from dynamo_jax import trainer
+
+    config = _math_config(tokenizer_dir, data_dir)
+    config.sft.steps, config.sft.target_accuracy, config.eval.num_prompts = 10, 0.5, 2
+    train = math_task.load_train_records(config)
+    examples, validation = math_task.warm_start_split(config, train)
+    assert len(validation) == 2 and len(examples) == 4
+    assert sorted(r["id"] for r in examples + validation) == sorted(r["id"] for r in train)
+    assert math_task.warm_start_split(config, train) == (examples, validation)  # seeded
+    config.data.seed = 1
+    assert math_task.warm_start_split(config, train)[1] != validation
+    config.data.seed = 0
+    task = math_task.build_math_task(config, "/unused", verifier_workers=0)
+    assert task.train == train and trainer._warm_start_records(task) == (examples, validation)
+
+    config.sft.target_accuracy = 0.0
+    assert math_task.warm_start_split(config, train) == (None, None)
+    config.sft.target_accuracy, config.eval.num_prompts = 0.5, 6
+    with pytest.raises(math_task.ConfigError, match=r"eval.num_prompts = 6 .* holds 6"):
+        math_task.warm_start_split(config, train)
+
+
 def test_missing_math_paths_are_named(tokenizer_dir, data_dir, tmp_path):
     config = _math_config(tokenizer_dir, data_dir)
     config.data.train_path = ""
