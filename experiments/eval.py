@@ -156,13 +156,15 @@ def restore_params(
     """Only the parameters of a RunCheckpointer checkpoint (no optimizer state is read), placed
     with the shardings of `abstract_params` on `mesh`. A checkpoint whose parameters differ in
     names or shapes from `abstract_params` raises ConfigError naming them (and the config fields
-    that differ from the run's, read from the checkpoint's host state, when `config` is given)."""
+    that differ from the run's, read from the checkpoint's host state, when `config` is given).
+    `directory` may be relative (Orbax itself refuses one with a traceback)."""
     import jax
     import orbax.checkpoint as ocp
 
     from dynamo_jax import checkpoint as ckpt_lib
     from dynamo_jax import sharding as shd
 
+    directory = os.path.abspath(directory)
     shardings = shd.state_shardings(abstract_params, mesh)
     target = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, shardings

@@ -7,7 +7,12 @@ DEST: accuracy_vs_rollouts.png (iii), zero_variance.png (ii), training_curves.pn
 allocation_<variant>.png, pg_covariance.png (i), entropy_change.png (iv),
 controlled_allocation.png, report_<part>.md (the tables) and results.json (every number).
 Experiments (i) and (iv) use the sweep's warm start OUT/_sft (run the sweep, or just its warm
-start, first). `--only` picks a comma-separated subset of: sweep, i, iv, controlled.
+start, first), or with `--policy_run OUT/<variant>/seed<k>` the parameters of that run's
+checkpoint (`--policy_step`, default its latest): the same measurements later in training.
+`--only` picks a comma-separated subset of: sweep, i, iv, controlled.
+
+    python -m experiments.report --out runs/ablations --only i --dest docs/results/grpo_step300 \
+        --policy_run runs/ablations/grpo/seed0
 """
 
 from __future__ import annotations
@@ -35,6 +40,26 @@ def last_common_evals(runs, count: int = 3) -> tuple[float, list[float]]:
         return float("nan"), []
     window = sorted(set.intersection(*(set(c) for c in curves)))[-count:]
     return float(np.mean([[c[x] for x in window] for c in curves])), window
+
+
+def policy_at_checkpoint(
+    policy: analysis.Policy, run_dir: str, step: int, config
+) -> tuple[analysis.Policy, int]:
+    """`policy` with the parameters a run saved at `step` (-1: its latest checkpoint)."""
+    import dataclasses
+
+    from experiments import eval as eval_script
+
+    steps = eval_script.checkpoint_steps(run_dir)
+    step = steps[-1] if step == -1 and steps else step
+    if step not in steps:
+        raise SystemExit(
+            f"--policy_run {run_dir} --policy_step {step}: no such checkpoint under "
+            f"{os.path.join(run_dir, 'checkpoints')} (saved steps: {steps or 'none'})"
+        )
+    directory = os.path.join(run_dir, "checkpoints")
+    params = eval_script.restore_params(directory, step, policy.params, policy.mesh, config)
+    return dataclasses.replace(policy, params=params), step
 
 
 def sweep_tables(sweep, rollouts_per_step: int, first_epoch_steps: int | None) -> str:
@@ -166,6 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--seed", type=int, default=0, help="random seed of experiments i, iv and controlled"
     )
+    p.add_argument(
+        "--policy_run",
+        default="",
+        help="(i), (iv): measure at a checkpoint of this run's work dir (e.g. "
+        "OUT/grpo/seed0) instead of at the warm start",
+    )
+    p.add_argument(
+        "--policy_step", type=int, default=-1, help="(i), (iv): the --policy_run step (-1: latest)"
+    )
     args = p.parse_args(argv)
     parts = {x.strip() for x in args.only.split(",") if x.strip()}
     unknown = sorted(parts - set(PARTS))
@@ -254,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     policy = None
     if parts & {"i", "iv"}:
         policy = analysis.load_policy(sft, config)
+        if args.policy_run:
+            policy, step = policy_at_checkpoint(policy, args.policy_run, args.policy_step, config)
+            print(f"(i), (iv) at step {step} of {args.policy_run}")
+            results["policy"] = {"run": args.policy_run, "step": step}
 
     if "i" in parts:
         t0 = time.time()

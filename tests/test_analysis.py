@@ -351,6 +351,31 @@ def test_pg_covariance_experiment_runs_and_is_consistent(tiny_policy):
     assert "| uniform |" in A.pg_covariance_table(r)
 
 
+def test_report_measures_at_a_run_checkpoint(tiny_policy, tmp_path, monkeypatch):
+    """`experiments.report --policy_run`: (i) and (iv) at the parameters a run saved (its latest
+    step by default, or the one asked for), given as a relative path; a missing step is named
+    with the saved ones."""
+    import jax
+
+    from dynamo_jax.checkpoint import RunCheckpointer
+    from experiments import report
+
+    saved = {}
+    with_steps = RunCheckpointer(tmp_path / "run" / "checkpoints")
+    for step in (3, 5):
+        saved[step] = jax.tree.map(lambda x, s=step: x + s, tiny_policy.params)
+        with_steps.save(step, {"params": saved[step]}, {"step": step})
+    with_steps.close()
+    monkeypatch.chdir(tmp_path)
+    for asked, step in ((-1, 5), (3, 3)):
+        policy, got = report.policy_at_checkpoint(tiny_policy, "run", asked, tiny_policy.config)
+        assert got == step and policy.sampler is tiny_policy.sampler
+        for a, b in zip(jax.tree.leaves(policy.params), jax.tree.leaves(saved[step]), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(SystemExit, match=r"--policy_step 4: no such checkpoint .*\[3, 5\]"):
+        report.policy_at_checkpoint(tiny_policy, "run", 4, tiny_policy.config)
+
+
 def test_entropy_change_experiment_runs(tiny_policy):
     r = A.entropy_change_experiment(tiny_policy, batches=1, learning_rates=(1e-2,))
     row = r["by_lr"][1e-2]
