@@ -55,13 +55,19 @@ class _Centered(NamedTuple):
     gid: jax.Array  # [rows] group id clipped into range (for gathers)
 
 
+def _in_range(valid, group_ids, num_groups) -> jax.Array:
+    """The valid rows (any nonzero `valid`: bool, int or float 0/1) whose group id is in
+    [0, num_groups); the others count as padding."""
+    return (jnp.asarray(valid) != 0) & (group_ids >= 0) & (group_ids < num_groups)
+
+
 def _centered_statistics(rewards, group_ids, valid, num_groups) -> _Centered:
     """Group statistics of the rewards measured from each group's largest valid reward.
 
     Centering makes a group of equal rewards exactly constant (all 0): a float32 mean of, say,
     24 rewards of 0.1 is off by an ulp, which the GRPO division by (std + 1e-6) would blow up
     into advantages of ~0.01. A valid row whose id is out of range counts as padding."""
-    valid = valid & (group_ids >= 0) & (group_ids < num_groups)
+    valid = _in_range(valid, group_ids, num_groups)
     w = valid.astype(jnp.float32)
     ids = jnp.where(valid, group_ids, num_groups)  # out of range: dropped by the segment ops
     gid = jnp.clip(group_ids, 0, num_groups - 1)
@@ -170,5 +176,6 @@ def zero_variance_fraction(
     float32 scalar in [0, 1]; 0 when no row is valid."""
     stats = group_statistics(rewards, group_ids, valid, num_groups)
     gid = jnp.clip(group_ids, 0, num_groups - 1)
+    valid = _in_range(valid, group_ids, num_groups)  # as group_advantages counts them
     in_zero_var = valid & (stats.std[gid] == 0.0)
     return jnp.sum(in_zero_var) / jnp.maximum(jnp.sum(valid), 1)

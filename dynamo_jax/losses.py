@@ -46,10 +46,12 @@ def _softmax_stats(z, t, with_vocab):
     logz = jax.nn.logsumexp(z, axis=-1, keepdims=True)
     logp_all = z - logz
     p = jnp.exp(logp_all)
-    entropy = -jnp.sum(p * logp_all, axis=-1)
+    # p log p -> 0 as p -> 0: a logit of -inf (a model that masks ids so) has p = 0 and
+    # log p = -inf, whose product is NaN.
+    entropy = -jnp.sum(jnp.where(p > 0, p * logp_all, 0.0), axis=-1)
     logp = jnp.take_along_axis(logp_all, t, axis=-1)[:, 0]
     if with_vocab:
-        e_vocab = jnp.sum(p * p * (logp_all + entropy[:, None]), axis=-1)
+        e_vocab = jnp.sum(jnp.where(p > 0, p * p * (logp_all + entropy[:, None]), 0.0), axis=-1)
     else:
         e_vocab = jnp.zeros_like(entropy)
     return logp, entropy, e_vocab, logz
@@ -63,7 +65,8 @@ def _softmax_stats_cotangent(z, logz, entropy, onehot, g_logp, g_entropy, temper
     scatter for the target gather and re-reduces the softmax)."""
     logp_all = z - logz
     p = jnp.exp(logp_all)
-    g_z = g_logp * (onehot - p) - g_entropy * p * (logp_all + entropy[..., None])
+    p_lambda = jnp.where(p > 0, p * (logp_all + entropy[..., None]), 0.0)  # 0 where p = 0
+    g_z = g_logp * (onehot - p) - g_entropy * p_lambda
     g_temperature = -jnp.sum(g_z * z) / temperature  # unused (and removed by jit) unless traced
     return g_z / temperature, g_temperature.astype(temperature.dtype).reshape(temperature.shape)
 
@@ -440,7 +443,26 @@ def policy_loss(
         ),
     )
     checks.row_or_token_shape("policy_loss", "advantages", advantages, shape)
+    if max_response_length is not None and max_response_length < 1:
+        raise ValueError(
+            f"policy_loss: max_response_length = {max_response_length} must be >= 1 (the "
+            "divisor of seq_mean_token_sum_norm; None: the batch's T)"
+        )
     m = jnp.asarray(mask, jnp.float32)
+    valid = m > 0
+
+    def padded_zero(x):
+        # Padding positions are set to 0 before any arithmetic, not multiplied by the mask
+        # after it: a NaN or inf there (a -100 pad id gathered inside jit, a -inf log-prob)
+        # would survive a product with 0, in the loss and in its gradient.
+        if x is None:
+            return None
+        x = jnp.asarray(x)
+        x = x[..., None] if x.ndim == m.ndim - 1 else x
+        return jnp.where(valid, x, jnp.zeros((), x.dtype))
+
+    logp, old_logp, advantages = padded_zero(logp), padded_zero(old_logp), padded_zero(advantages)
+    ref_logp, entropy = padded_zero(ref_logp), padded_zero(entropy)
     token_loss, ratio = clipped_token_loss(
         logp, old_logp, advantages, eps_low, eps_high, dual_clip, clip
     )
@@ -452,12 +474,7 @@ def policy_loss(
             token_loss
             + abs_kl_coef * jax.lax.stop_gradient(jnp.asarray(abs_kl_mask, jnp.float32)) * abs_kl
         )
-    a = jnp.broadcast_to(
-        jnp.asarray(advantages, jnp.float32)[..., None]
-        if jnp.ndim(advantages) == m.ndim - 1
-        else jnp.asarray(advantages, jnp.float32),
-        m.shape,
-    )
+    a = jnp.asarray(advantages, jnp.float32)  # [rows, T] or [rows, 1] after padded_zero
     aux: dict[str, jax.Array] = {}
     if ref_logp is not None:
         kl = kl_penalty(logp, ref_logp, kl_estimator)
@@ -478,14 +495,13 @@ def policy_loss(
         row_mean = jnp.sum(token_loss, axis=-1) / jnp.maximum(row_tokens, 1.0)
         loss_sum, count = jnp.sum(row_mean * row_valid), jnp.sum(row_valid)
     else:
-        norm = float(max_response_length or m.shape[-1])
+        norm = float(max_response_length or max(m.shape[-1], 1))
         loss_sum, count = jnp.sum(token_loss) / norm, jnp.sum(row_valid)
 
     r = jax.lax.stop_gradient(ratio)
     log_ratio = jax.lax.stop_gradient(
         jnp.asarray(old_logp, jnp.float32) - jnp.asarray(logp, jnp.float32)
     )
-    valid = m > 0
     aux.update(
         tokens=jnp.sum(m),
         clip_low=jnp.sum(valid & (a < 0) & (r < 1.0 - eps_low)).astype(jnp.float32),

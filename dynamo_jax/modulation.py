@@ -113,8 +113,8 @@ def vocab_expectation(logits: jax.Array, temperature: float = 1.0) -> jax.Array:
     z = _f32(logits) / temperature
     logp = jax.nn.log_softmax(z, axis=-1)
     p = jnp.exp(logp)
-    h = -jnp.sum(p * logp, axis=-1, keepdims=True)
-    return jnp.sum(p * p * (logp + h), axis=-1)
+    h = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1, keepdims=True)  # -inf logits: 0
+    return jnp.sum(jnp.where(p > 0, p * p * (logp + h), 0.0), axis=-1)
 
 
 def entropy_change(
@@ -151,7 +151,10 @@ def entropy_change(
     pi_lambda = jnp.exp(lp) * (lp + h)
     if expectation == "sequence":
         row_count = jnp.sum(m, axis=-1, keepdims=True)
-        expect = jnp.sum(pi_lambda * m, axis=-1, keepdims=True) / jnp.maximum(row_count, 1.0)
+        # where, not a product with the mask: a NaN or inf at a padding position (an
+        # out-of-vocabulary pad id inside jit gives a NaN log-prob) must not reach the row mean.
+        total = jnp.sum(jnp.where(m > 0, pi_lambda, 0.0), axis=-1, keepdims=True)
+        expect = total / jnp.maximum(row_count, 1.0)
     else:
         if expected_pi_lambda is None:
             raise ValueError(
@@ -301,7 +304,7 @@ def modulate_advantages(
     a = _broadcast_advantages(advantages, m)
     h = _f32(entropy)
     valid = m > 0
-    n_valid = jnp.maximum(jnp.sum(m), 1.0)
+    n_valid = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
     xi = jnp.abs(
         entropy_change(a, logp, old_logp, h, m, eps_low, eps_high, expectation, expected_pi_lambda)
     )

@@ -135,3 +135,20 @@ def test_group_ids_outside_the_range_are_named_or_count_as_padding():
 def test_shapes_are_checked_with_the_argument_named():
     with pytest.raises(ValueError, match=r"group_advantages: valid has shape \(3,\)"):
         group_advantages(jnp.zeros(4), jnp.zeros(4, jnp.int32), jnp.ones(3, bool), 2)
+
+
+def test_valid_may_be_int_or_float_and_out_of_range_rows_count_as_padding():
+    """`valid` given as int or float 0/1 (or any nonzero int) means what the bool does; it was
+    combined bitwise, so valid = 2 dropped the row. zero_variance_fraction counts the rows
+    group_advantages counts: inside jit a valid row with an id out of range is padding (it was
+    clamped into the last group)."""
+    rewards = jnp.asarray([1.0, 0.0, 1.0, 1.0, 0.0])
+    ids = jnp.asarray([0, 0, 1, 1, 7])
+    ok = np.array([True, True, True, True, False])
+    want = group_advantages(rewards, ids, jnp.asarray(ok), 2)
+    for valid in (ok.astype(np.int32) * 2, ok.astype(np.float32)):
+        np.testing.assert_array_equal(group_advantages(rewards, ids, jnp.asarray(valid), 2), want)
+    frac = jax.jit(zero_variance_fraction, static_argnums=3)
+    # Groups: 0 = {1, 0} (signal), 1 = {1, 1} (none); row 4 is valid but its id 7 is not a group.
+    assert float(frac(rewards, ids, jnp.ones(5, bool), 2)) == 0.5
+    assert float(frac(rewards, ids, jnp.asarray(ok, jnp.float32), 2)) == 0.5

@@ -413,3 +413,114 @@ def test_vocab_limit_equals_the_head_cut_to_the_tokenizer(chunk):
         ValueError, match=r"targets\[0, 0\] = 35 is outside the vocabulary \[0, 29\)"
     ):
         losses.token_logprobs_and_entropy(h, w, t.at[0, 0].set(35), temp, chunk, vocab_limit=limit)
+
+
+def _padded_batch(seed=11):
+    rng = np.random.default_rng(seed)
+    rows, length = 3, 6
+    lp = rng.normal(-1.5, 0.5, (rows, length))
+    old = lp + rng.normal(0, 0.1, (rows, length))
+    ref = lp + rng.normal(0, 0.1, (rows, length))
+    ent = rng.uniform(0.2, 2.0, (rows, length))
+    mask = np.ones((rows, length))
+    mask[0, 4:] = 0
+    mask[2] = 0  # a padding row
+    return lp, old, ref, ent, np.array([1.0, -0.5, 2.0]), mask
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_non_finite_values_at_padding_change_nothing(agg):
+    """NaN or inf where the mask is 0 (a -100 pad id gathered inside jit gives NaN log-probs, a
+    model that masks ids gives -inf): the loss, its gradient and aux equal those of the same
+    batch with finite padding. A product with the mask let them through (NaN * 0 = NaN)."""
+    lp, old, ref, ent, adv, mask = _padded_batch()
+    kw = dict(loss_agg=agg, kl_coef=0.1, kl_estimator="k2", entropy_coef=0.01)
+
+    def run(lp, old, ref, ent, adv):
+        def f(x):
+            s, n, aux = losses.policy_loss(
+                x, F32(old), F32(adv), F32(mask), ref_logp=F32(ref), entropy=F32(ent), **kw
+            )
+            return s, (n, aux)
+
+        (s, (n, aux)), g = jax.value_and_grad(f, has_aux=True)(F32(lp))
+        return s, n, aux, g
+
+    want = run(lp, old, ref, ent, adv)
+    bad = [a.copy() for a in (lp, old, ref, ent)]
+    for x, value in zip(bad, (np.nan, np.nan, -np.inf, np.inf), strict=True):
+        x[mask == 0] = value
+    bad_adv = adv.copy()
+    bad_adv[2] = np.nan  # the padding row's advantage
+    got = run(*bad, bad_adv)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        assert np.isfinite(np.asarray(g)).all()
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    logp_minus_inf = lp.copy()
+    logp_minus_inf[mask == 0] = -np.inf
+    got = run(logp_minus_inf, old, ref, ent, adv)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_out_of_vocabulary_pad_ids_inside_jit_change_nothing():
+    """Inside jit the target range is not checked; a -100 pad id gives a NaN log-prob at its
+    (masked) position, and the loss and gradient must equal those with a valid pad id."""
+    rng = np.random.default_rng(2)
+    rows, length, v = 2, 5, 11
+    logits = F32(rng.normal(size=(rows, length, v)))
+    t = rng.integers(0, v, size=(rows, length))
+    mask = np.ones((rows, length))
+    mask[1, 3:] = 0
+    pad = t.copy()
+    pad[mask == 0] = -100
+
+    @jax.jit
+    def loss(logits, targets):
+        stats = losses.logprobs_and_entropy_from_logits(logits, targets, 1.0, 2)
+        s, n, _ = losses.policy_loss(
+            stats.logp, jax.lax.stop_gradient(stats.logp), F32([1.0, -1.0]), F32(mask)
+        )
+        return s / n
+
+    want, want_g = jax.value_and_grad(loss)(logits, jnp.asarray(t))
+    got, got_g = jax.value_and_grad(loss)(logits, jnp.asarray(pad))
+    assert np.isfinite(got) and np.isfinite(np.asarray(got_g)).all()
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(got_g)[mask > 0], np.asarray(want_g)[mask > 0], atol=1e-7)
+
+
+def test_minus_infinity_logits_give_the_entropy_of_the_ids_left():
+    """A logit of -inf (an id a model masks out) has probability 0 and adds nothing to the
+    entropy (p log p -> 0): the same stats and gradient as a logit of -1e30, not NaN."""
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(2, 3, 7))
+    z_inf, z_big = z.copy(), z.copy()
+    z_inf[..., 5:] = -np.inf
+    z_big[..., 5:] = -1e30
+    t = jnp.asarray(rng.integers(0, 5, size=(2, 3)))
+
+    def stats(z):
+        def f(z):
+            s = losses.logprobs_and_entropy_from_logits(z, t, 1.0, 2, True)
+            return jnp.sum(s.entropy) + jnp.sum(s.logp), s
+
+        (_, s), g = jax.value_and_grad(f, has_aux=True)(F32(z))
+        return s.logp, s.entropy, s.expected_pi_lambda, g
+
+    for got, want in zip(stats(z_inf), stats(z_big), strict=True):
+        assert np.isfinite(np.asarray(got)).all()
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
+    from dynamo_jax.modulation import vocab_expectation
+
+    np.testing.assert_allclose(vocab_expectation(F32(z_inf)), vocab_expectation(F32(z_big)))
+
+
+def test_max_response_length_below_one_is_refused():
+    lp, old, _, _, adv, mask = _padded_batch()
+    agg = "seq_mean_token_sum_norm"
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match=f"max_response_length = {bad} must be >= 1"):
+            losses.policy_loss(
+                F32(lp), F32(old), F32(adv), F32(mask), loss_agg=agg, max_response_length=bad
+            )

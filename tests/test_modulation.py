@@ -281,3 +281,44 @@ def test_shape_errors_name_the_argument():
         mod.modulate_advantages(
             jnp.ones(2), z, z, z, one, expectation="vocab", expected_pi_lambda=jnp.zeros(3)
         )
+
+
+@pytest.mark.parametrize("expectation", ["sequence", "vocab"])
+def test_non_finite_values_at_padding_change_nothing(expectation):
+    """NaN or inf where the mask is 0 (log-prob, entropy, old log-prob, E[pi Lambda], a padding
+    row's advantage) leave the final advantages and aux exactly as with finite padding. The
+    row mean of pi * Lambda was a product with the mask, so one NaN there made max Xi, and with
+    it every token's beta_stab, NaN."""
+    rng = np.random.default_rng(5)
+    rows, length = 3, 6
+    lp = rng.normal(-1.0, 0.5, (rows, length))
+    old = lp + rng.normal(0, 0.1, (rows, length))
+    ent = rng.uniform(0.2, 2.0, (rows, length))
+    e = rng.normal(0, 0.1, (rows, length))
+    mask = np.ones((rows, length))
+    mask[0, 4:] = 0
+    mask[2] = 0
+    adv = np.array([1.0, -0.5, 2.0])
+
+    def run(lp, old, ent, e, adv):
+        f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+        return mod.modulate_advantages(
+            f32(adv),
+            f32(ent),
+            f32(lp),
+            f32(old),
+            f32(mask),
+            expectation=expectation,
+            expected_pi_lambda=f32(e),
+        )
+
+    want = run(lp, old, ent, e, adv)
+    for value in (np.nan, np.inf, -np.inf):
+        bad = [x.copy() for x in (lp, old, ent, e)]
+        for x in bad:
+            x[mask == 0] = value
+        bad_adv = adv.copy()
+        bad_adv[2] = value
+        got = run(*bad, bad_adv)
+        for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
