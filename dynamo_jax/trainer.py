@@ -192,6 +192,28 @@ def _check_encodes_exactly(tokenizer: Any, path: str, config: Any, splits) -> No
                     )
 
 
+def check_mesh_fits(config: Any, mesh: Any) -> None:
+    """The step's rollouts split evenly over the mesh's row shards (mesh.data * mesh.fsdp).
+
+    The sampler rounds its rows up to a multiple of the row shards; with a budget B that is not
+    one, the update would get padding rows it cannot split into its micro-batches, and the run
+    would fail after the warm start and the first evaluation instead of here."""
+    shards = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES]))
+    budget = config.prompts_per_step * config.rollouts_per_prompt
+    if budget % shards == 0:
+        return
+    devices = int(np.prod(list(mesh.shape.values())))
+    fits = [d for d in range(1, devices + 1) if devices % d == 0 and budget % d == 0]
+    raise RunError(
+        f"The step's {budget} rollouts (prompts_per_step = {config.prompts_per_step} x "
+        f"rollouts_per_prompt = {config.rollouts_per_prompt}) do not split over the mesh's "
+        f"{shards} row shards (mesh.data = {mesh.shape['data']} x mesh.fsdp = "
+        f"{mesh.shape['fsdp']}, on {devices} devices). Make mesh.data * mesh.fsdp one of "
+        f"{fits} (and give the other devices to mesh.tensor), or change prompts_per_step or "
+        f"rollouts_per_prompt so that their product is a multiple of {shards}."
+    )
+
+
 def check_task_fits(config: Any, task: Task, log: Callable[[str], None]) -> None:
     """Before anything trains: enough training prompts for one step, and every prompt fits the
     largest prompt bucket (nothing is truncated, and a step that met a longer prompt would
@@ -759,6 +781,7 @@ def train(
             f"mesh.data = {m.data}, mesh.fsdp = {m.fsdp}, mesh.tensor = {m.tensor} do not fit "
             f"the {jax.device_count()} devices here ({err}); -1 takes the devices left over."
         ) from None
+    check_mesh_fits(config, mesh)
     compilation.install()
     # The task (a math task's verifier processes) and the checkpoint manager (Orbax's threads)
     # are closed however the run ends: a caller that catches a refused resume or an

@@ -437,3 +437,34 @@ def test_two_process_run_from_the_command_line(tmp_path, env):
     assert "before RL ->" in logs[0] and "before RL ->" not in logs[1]
     assert sorted(os.listdir(workdir / "checkpoints"))[-1] == "2"
     assert (workdir / "sft_model" / "config.json").exists()
+
+
+def test_a_budget_the_row_shards_cannot_split_stops_before_the_warm_start(monkeypatch, tmp_path):
+    """B = prompts_per_step x rollouts_per_prompt must split over mesh.data * mesh.fsdp: the
+    sampler pads its rows to a multiple of the shards, and the update could not split the
+    padded batch. arith_tiny's 128 rollouts on 6 devices failed with a traceback after the
+    warm start and the first evaluation; now one message at the start names the fields."""
+    import jax
+
+    from dynamo_jax import sharding as shd
+    from dynamo_jax import trainer
+    from dynamo_jax.config import get_default_config
+
+    c = get_default_config()
+    c.prompts_per_step, c.rollouts_per_prompt = 8, 16
+    six = shd.make_mesh(data=-1, fsdp=1, tensor=1, devices=jax.devices()[:6])
+    with pytest.raises(trainer.RunError) as err:
+        trainer.check_mesh_fits(c, six)
+    msg = str(err.value)
+    assert "The step's 128 rollouts (prompts_per_step = 8 x rollouts_per_prompt = 16)" in msg
+    assert "6 row shards (mesh.data = 6 x mesh.fsdp = 1, on 6 devices)" in msg
+    assert "one of [1, 2]" in msg and "a multiple of 6" in msg
+    trainer.check_mesh_fits(c, shd.make_mesh(data=2, fsdp=1, tensor=3, devices=jax.devices()[:6]))
+
+    # In a run: before the task is built (8 devices, 20 rollouts).
+    c.prompts_per_step, c.rollouts_per_prompt = 5, 4
+    c.allocation.n_low, c.allocation.n_high = 2, 8
+    c.train.num_minibatches, c.train.micro_batch_rows = 1, 20
+    monkeypatch.setattr(trainer, "build_task", lambda *a: pytest.fail("built the task"))
+    with pytest.raises(trainer.RunError, match="The step's 20 rollouts .* 8 row shards"):
+        trainer.train(c, str(tmp_path), progress=False, log=lambda msg: None)
