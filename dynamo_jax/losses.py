@@ -14,7 +14,7 @@ aggregation mode ("never an average of averages").
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -373,10 +373,23 @@ def clipped_token_loss(
     return loss, ratio
 
 
-@functools.partial(
-    jax.jit, static_argnames=("loss_agg", "kl_estimator", "max_response_length", "clip")
-)
-def policy_loss(
+def _check_loss_terms(fn: str, kwargs: dict[str, Any]) -> None:
+    """A loss term asked for (a coefficient above 0, as a Python number) without the array it
+    needs would silently be left out: name both."""
+    needs = (("kl_coef", "ref_logp"), ("entropy_coef", "entropy"), ("abs_kl_coef", "abs_kl_mask"))
+    for coef, array in needs:
+        value = kwargs.get(coef, 0.0)
+        if isinstance(value, int | float) and value != 0 and kwargs.get(array) is None:
+            raise ValueError(
+                f"{fn}: {coef} = {value} but no {array} was given, so the term would be left "
+                f"out: pass {array}=..., or {coef}=0"
+            )
+    estimator = kwargs.get("kl_estimator", "k3")
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"{fn}: kl_estimator {estimator!r}; choose one of {KL_ESTIMATORS}.")
+
+
+def _policy_loss(
     logp: jax.Array,
     old_logp: jax.Array,
     advantages: jax.Array,
@@ -513,6 +526,20 @@ def policy_loss(
         ),
     )
     return loss_sum, count, aux
+
+
+_policy_loss_jit = jax.jit(
+    _policy_loss, static_argnames=("loss_agg", "kl_estimator", "max_response_length", "clip")
+)
+
+
+@functools.wraps(_policy_loss)
+def policy_loss(*args, **kwargs) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    _check_loss_terms("policy_loss", kwargs)  # Python values only: jit would trace them
+    return _policy_loss_jit(*args, **kwargs)
+
+
+policy_loss.__name__ = policy_loss.__qualname__ = "policy_loss"
 
 
 def loss_value(loss_sum: jax.Array, count: jax.Array) -> jax.Array:

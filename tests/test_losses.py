@@ -524,3 +524,26 @@ def test_max_response_length_below_one_is_refused():
             losses.policy_loss(
                 F32(lp), F32(old), F32(adv), F32(mask), loss_agg=agg, max_response_length=bad
             )
+
+
+def test_a_loss_term_without_its_array_is_named_not_dropped():
+    """kl_coef, entropy_coef or abs_kl_coef above 0 without ref_logp, entropy or abs_kl_mask
+    used to return the plain loss; an unknown kl_estimator passed when no KL was computed."""
+    lp, old, ref, ent, adv, mask = _padded_batch()
+    args = (F32(lp), F32(old), F32(adv), F32(mask))
+    for coef, array in (
+        ("kl_coef", "ref_logp"),
+        ("entropy_coef", "entropy"),
+        ("abs_kl_coef", "abs_kl_mask"),
+    ):
+        with pytest.raises(ValueError, match=f"{coef} = 0.1 but no {array} was given"):
+            losses.policy_loss(*args, **{coef: 0.1})
+    with pytest.raises(ValueError, match="kl_estimator 'k9'"):
+        losses.policy_loss(*args, kl_estimator="k9")
+    with_terms = losses.policy_loss(
+        *args, kl_coef=0.1, ref_logp=F32(ref), entropy_coef=0.01, entropy=F32(ent)
+    )
+    assert np.isfinite(with_terms[0]) and with_terms[0] != losses.policy_loss(*args)[0]
+    # Inside the caller's jit the coefficients are traced and pass unchecked.
+    traced = jax.jit(lambda c: losses.policy_loss(*args, kl_coef=c)[0])(0.0)
+    np.testing.assert_allclose(traced, losses.policy_loss(*args)[0], rtol=1e-6)
