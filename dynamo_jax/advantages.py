@@ -125,6 +125,17 @@ def group_advantages(
             f"group_advantages: rewards, group_ids and valid must be [rows]; got shape "
             f"{tuple(jnp.shape(rewards))}"
         )
+    if num_groups < 1:
+        raise ValueError(f"group_advantages: num_groups = {num_groups} must be >= 1")
+    if checks.concrete(rewards, valid):
+        r, ok = np.asarray(rewards, np.float64), np.asarray(valid) != 0
+        bad = np.flatnonzero(ok & ~np.isfinite(r))
+        if bad.size:
+            raise ValueError(
+                f"group_advantages: rewards[{bad[0]}] = {r[bad[0]]} on a valid row ({bad.size} "
+                "such rows) would make its whole group's advantages NaN; give every valid row a "
+                "finite reward, or mark it valid = False"
+            )
     if estimator != "w_reinforce" and checks.concrete(group_ids, valid):  # it ignores the ids
         ids, ok = np.asarray(group_ids), np.asarray(valid, bool)
         bad = np.flatnonzero(ok & ((ids < 0) | (ids >= num_groups)))
@@ -174,6 +185,11 @@ def zero_variance_fraction(
 
     rewards [rows] float, group_ids [rows] int in [0, num_groups), valid [rows] bool ->
     float32 scalar in [0, 1]; 0 when no row is valid."""
+    checks.same_shape(
+        "zero_variance_fraction",
+        "rewards",
+        dict(rewards=rewards, group_ids=group_ids, valid=valid),
+    )
     stats = group_statistics(rewards, group_ids, valid, num_groups)
     gid = jnp.clip(group_ids, 0, num_groups - 1)
     valid = _in_range(valid, group_ids, num_groups)  # as group_advantages counts them

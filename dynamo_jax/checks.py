@@ -23,11 +23,13 @@ def same_shape(fn: str, reference: str, arrays: dict[str, Any]) -> tuple[int, ..
 
 
 def row_or_token_shape(fn: str, name: str, x: Any, token_shape: tuple[int, ...]) -> None:
-    """``x`` must be per row ([rows]) or per token ([rows, T]) for tokens shaped token_shape."""
-    if tuple(np.shape(x)) not in (token_shape[:-1], token_shape):
+    """``x`` must be per row ([rows], or [rows, 1] ready to broadcast) or per token ([rows, T])
+    for tokens shaped token_shape."""
+    rows = token_shape[:-1]
+    if tuple(np.shape(x)) not in (rows, (*rows, 1), token_shape):
         raise ValueError(
             f"{fn}: {name} has shape {tuple(np.shape(x))}; expected one per row "
-            f"{token_shape[:-1]} or one per token {token_shape}"
+            f"{rows} or one per token {token_shape}"
         )
 
 

@@ -261,6 +261,8 @@ def _vocab(fn, vocab, vocab_limit) -> int:
     """The ids targets may hold: [0, vocab_limit) when given, else the whole vocabulary."""
     if vocab_limit is None:
         return vocab
+    if not isinstance(vocab_limit, int | np.integer):
+        raise ValueError(f"{fn}: vocab_limit = {vocab_limit!r} must be an int (a number of ids)")
     if not 1 <= vocab_limit:
         raise ValueError(f"{fn}: vocab_limit = {vocab_limit} must be >= 1")
     return min(int(vocab_limit), vocab)
@@ -271,6 +273,13 @@ def _check_head_args(fn, targets, vocab, temperature, chunk_size) -> None:
     numbers, concrete targets); inside jit traced values pass unchecked."""
     if chunk_size < 1:
         raise ValueError(f"{fn}: chunk_size = {chunk_size} must be >= 1 (loss.logits_chunk_size)")
+    if not jnp.issubdtype(jnp.result_type(targets), jnp.integer):
+        raise ValueError(
+            f"{fn}: targets have dtype {jnp.result_type(targets)}; token ids must be integers "
+            "(a float id would be truncated)"
+        )
+    if checks.concrete(temperature) and np.ndim(temperature) == 0:
+        temperature = float(np.asarray(temperature))  # numpy and concrete jax scalars too
     if isinstance(temperature, int | float) and not temperature > 0:
         raise ValueError(
             f"{fn}: temperature = {temperature} must be > 0 (the log-probs and entropy are "

@@ -89,6 +89,8 @@ def beta_comp(
     Returns:
       [rows, T] float32, 1 on padding.
     """
+    shape = checks.same_shape("beta_comp", "mask", dict(mask=mask, entropy=entropy))
+    checks.row_or_token_shape("beta_comp", "advantages", advantages, shape)
     h = _f32(entropy)
     a = _broadcast_advantages(advantages, h)
     m = _f32(mask)
@@ -143,6 +145,18 @@ def entropy_change(
     """
     if expectation not in EXPECTATIONS:
         raise ValueError(f"modulation.expectation {expectation!r}; choose one of {EXPECTATIONS}.")
+    shape = checks.same_shape(
+        "entropy_change",
+        "mask",
+        dict(
+            mask=mask,
+            logp=logp,
+            old_logp=old_logp,
+            entropy=entropy,
+            expected_pi_lambda=expected_pi_lambda,
+        ),
+    )
+    checks.row_or_token_shape("entropy_change", "advantages", advantages, shape)
     lp, h, m = _f32(logp), _f32(entropy), _f32(mask)
     a = _broadcast_advantages(advantages, lp)
     r = jax.lax.stop_gradient(importance_ratio(lp, old_logp))
@@ -184,6 +198,7 @@ def beta_stab(
     Returns:
       [rows, T] float32, 1 on padding.
     """
+    checks.same_shape("beta_stab", "mask", dict(mask=mask, xi_abs=xi_abs))
     xi, m = _f32(xi_abs), _f32(mask)
     xi = jnp.where(m > 0, xi, 0.0)
     xi_max = jnp.max(xi, initial=0.0) if xi_max is None else _f32(xi_max)

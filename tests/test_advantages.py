@@ -152,3 +152,16 @@ def test_valid_may_be_int_or_float_and_out_of_range_rows_count_as_padding():
     # Groups: 0 = {1, 0} (signal), 1 = {1, 1} (none); row 4 is valid but its id 7 is not a group.
     assert float(frac(rewards, ids, jnp.ones(5, bool), 2)) == 0.5
     assert float(frac(rewards, ids, jnp.asarray(ok, jnp.float32), 2)) == 0.5
+
+
+def test_non_finite_rewards_and_no_groups_are_named():
+    rewards, ids = jnp.asarray([1.0, np.nan, 0.0]), jnp.asarray([0, 0, 1])
+    with pytest.raises(ValueError, match=r"rewards\[1\] = nan on a valid row"):
+        group_advantages(rewards, ids, jnp.ones(3, bool), 2)
+    # On a padding row it changes nothing.
+    got = group_advantages(rewards, ids, jnp.asarray([True, False, True]), 2)
+    np.testing.assert_array_equal(got, 0.0)
+    with pytest.raises(ValueError, match="num_groups = 0 must be >= 1"):
+        group_advantages(rewards, ids, jnp.zeros(3, bool), 0)
+    with pytest.raises(ValueError, match=r"zero_variance_fraction: valid has shape \(2,\)"):
+        zero_variance_fraction(rewards, ids, jnp.ones(2, bool), 2)

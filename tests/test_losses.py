@@ -368,6 +368,13 @@ def test_values_the_log_probs_cannot_use_are_named():
         losses.token_logprobs_and_entropy(h, w, t.at[1, 2].set(7))
     with pytest.raises(ValueError, match=r"targets\[0, 1\] = -1 is outside"):
         losses.logprobs_and_entropy_from_logits(jnp.ones((2, 3, 5)), t.at[0, 1].set(-1))
+    for temp in (np.float32(0), jnp.asarray(-1.0)):  # not only Python numbers
+        with pytest.raises(ValueError, match=f"temperature = {float(temp)} must be > 0"):
+            losses.token_logprobs_and_entropy(h, w, t, temperature=temp)
+    with pytest.raises(ValueError, match="targets have dtype float32; token ids must be integers"):
+        losses.token_logprobs_and_entropy(h, w, t.astype(jnp.float32))
+    with pytest.raises(ValueError, match="vocab_limit = 2.5 must be an int"):
+        losses.token_logprobs_and_entropy(h, w, t, vocab_limit=2.5)
     traced = jax.jit(lambda temp: losses.token_logprobs_and_entropy(h, w, t, temp).logp)
     np.testing.assert_allclose(traced(2.0), np.log(1 / 5), rtol=1e-6)
 

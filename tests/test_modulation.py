@@ -322,3 +322,29 @@ def test_non_finite_values_at_padding_change_nothing(expectation):
         got = run(*bad, bad_adv)
         for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
             np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_building_blocks_name_mismatched_shapes():
+    """beta_comp, entropy_change, beta_stab and scope_statistics broadcast a [T] or [rows, 1]
+    argument over the rows without a word (misaligned values); now each names it, as
+    modulate_advantages does."""
+    z, one = jnp.zeros((2, 3)), jnp.ones((2, 3))
+    with pytest.raises(ValueError, match=r"beta_comp: entropy has shape \(3,\) but mask"):
+        mod.beta_comp(jnp.ones(2), jnp.zeros(3), one)
+    with pytest.raises(ValueError, match=r"beta_comp: advantages has shape \(3,\); expected"):
+        mod.beta_comp(jnp.ones(3), z, one)
+    with pytest.raises(ValueError, match=r"entropy_change: old_logp has shape \(2, 1\)"):
+        mod.entropy_change(jnp.ones(2), z, jnp.zeros((2, 1)), z, one)
+    with pytest.raises(ValueError, match=r"entropy_change: expected_pi_lambda has shape \(3,\)"):
+        mod.entropy_change(
+            jnp.ones(2), z, z, z, one, expectation="vocab", expected_pi_lambda=jnp.zeros(3)
+        )
+    with pytest.raises(ValueError, match=r"beta_stab: xi_abs has shape \(3,\) but mask"):
+        mod.beta_stab(jnp.zeros(3), one)
+    with pytest.raises(
+        ValueError, match=r"entropy_change: logp has shape \(2, 3\) but mask has \(3,\)"
+    ):
+        mod.scope_statistics(jnp.ones(2), z, z, z, jnp.ones(3))
+    # Row advantages as [rows] or [rows, 1] alike.
+    for adv in (jnp.ones(2), jnp.ones((2, 1))):
+        np.testing.assert_array_equal(mod.beta_comp(adv, z, one), 1.0)
