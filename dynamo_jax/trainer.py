@@ -867,6 +867,7 @@ def _train(
         workdir, config.train.num_steps, start_step, progress=progress, enabled=is_main
     )
     after = None  # held-out metrics of the final parameters, if the loop already has them
+    saving_compilations = 0
     try:
         for step in range(start_step, config.train.num_steps):
             with explain_out_of_memory(config, f"RL step {step}"):
@@ -890,16 +891,20 @@ def _train(
                 metrics.update(held)
                 if step + 1 == config.train.num_steps:
                     after = held
-            metrics["compilations"] = compilation.total_compilations()
+            # Orbax compiles small slicing programs when it first saves arrays spread over
+            # several devices; those are not the step's, and are left out.
+            metrics["compilations"] = compilation.total_compilations() - saving_compilations
             if (step + 1) % config.log_every == 0 or step + 1 == config.train.num_steps:
                 writer.write(step, metrics, histograms=hist)
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.train.num_steps:
                 writer.sync()  # the logged steps are on disk before the checkpoint that skips them
-                checkpointer.save(
-                    step + 1,
-                    state,
-                    _host_state(stats, policy, iterator, step + 1, config, before),
-                )
+                with compilation.CompileCounter() as saving:
+                    checkpointer.save(
+                        step + 1,
+                        state,
+                        _host_state(stats, policy, iterator, step + 1, config, before),
+                    )
+                saving_compilations += saving.count
     finally:
         writer.close()
 

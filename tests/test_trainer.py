@@ -468,3 +468,28 @@ def test_a_budget_the_row_shards_cannot_split_stops_before_the_warm_start(monkey
     monkeypatch.setattr(trainer, "build_task", lambda *a: pytest.fail("built the task"))
     with pytest.raises(trainer.RunError, match="The step's 20 rollouts .* 8 row shards"):
         trainer.train(c, str(tmp_path), progress=False, log=lambda msg: None)
+
+
+def test_compilations_metric_leaves_out_checkpoint_saving(tmp_path):
+    """On several devices Orbax compiles slicing programs the first time it saves the state;
+    the `compilations` metric counted them, so a run that never recompiled its step looked as
+    if it had after its first checkpoint (35 -> 115 on 8 devices)."""
+    import importlib.util
+
+    import jax
+
+    from dynamo_jax import trainer
+
+    assert jax.device_count() == 8  # tests/conftest.py
+    spec = importlib.util.spec_from_file_location("arith_tiny", ROOT / "configs" / "arith_tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.model.architecture.num_hidden_layers = 1
+    c.sft.steps, c.eval.num_prompts, c.data.num_train, c.data.num_heldout = 0, 4, 64, 16
+    c.train.num_minibatches, c.train.micro_batch_rows, c.checkpoint_every = 1, 32, 1
+    c.train.num_steps, c.log_every = 3, 1
+    trainer.train(c, str(tmp_path), progress=False, log=lambda msg: None)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    counts = [r["compilations"] for r in rows if "compilations" in r]
+    assert len(counts) == 3 and counts[0] > 0 and len(set(counts)) == 1, counts
