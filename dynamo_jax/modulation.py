@@ -63,6 +63,12 @@ def importance_ratio(logp: jax.Array, old_logp: jax.Array) -> jax.Array:
     )
 
 
+def _check_shapes(fn: str, advantages: jax.Array, mask: jax.Array, **arrays: jax.Array) -> None:
+    """Every array shaped like `mask` ([rows, T]); advantages per row or per token."""
+    shape = checks.same_shape(fn, "mask", dict(mask=mask, **arrays))
+    checks.row_or_token_shape(fn, "advantages", advantages, shape)
+
+
 def _masked_max(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.max(jnp.where(mask > 0, x, -jnp.inf), initial=-jnp.inf)
 
@@ -89,8 +95,7 @@ def beta_comp(
     Returns:
       [rows, T] float32, 1 on padding.
     """
-    shape = checks.same_shape("beta_comp", "mask", dict(mask=mask, entropy=entropy))
-    checks.row_or_token_shape("beta_comp", "advantages", advantages, shape)
+    _check_shapes("beta_comp", advantages, mask, entropy=entropy)
     h = _f32(entropy)
     a = _broadcast_advantages(advantages, h)
     m = _f32(mask)
@@ -145,18 +150,15 @@ def entropy_change(
     """
     if expectation not in EXPECTATIONS:
         raise ValueError(f"modulation.expectation {expectation!r}; choose one of {EXPECTATIONS}.")
-    shape = checks.same_shape(
+    _check_shapes(
         "entropy_change",
-        "mask",
-        dict(
-            mask=mask,
-            logp=logp,
-            old_logp=old_logp,
-            entropy=entropy,
-            expected_pi_lambda=expected_pi_lambda,
-        ),
+        advantages,
+        mask,
+        logp=logp,
+        old_logp=old_logp,
+        entropy=entropy,
+        expected_pi_lambda=expected_pi_lambda,
     )
-    checks.row_or_token_shape("entropy_change", "advantages", advantages, shape)
     lp, h, m = _f32(logp), _f32(entropy), _f32(mask)
     a = _broadcast_advantages(advantages, lp)
     r = jax.lax.stop_gradient(importance_ratio(lp, old_logp))
@@ -303,18 +305,15 @@ def modulate_advantages(
         `beta_comp_pos_sum` / `pos_tokens`, `beta_stab_sum`, `damped_tokens` and `xi_sum` /
         `valid_tokens`, and divide once (what `TrainStep` logs).
     """
-    shape = checks.same_shape(
+    _check_shapes(
         "modulate_advantages",
-        "mask",
-        dict(
-            mask=mask,
-            entropy=entropy,
-            logp=logp,
-            old_logp=old_logp,
-            expected_pi_lambda=expected_pi_lambda,
-        ),
+        advantages,
+        mask,
+        entropy=entropy,
+        logp=logp,
+        old_logp=old_logp,
+        expected_pi_lambda=expected_pi_lambda,
     )
-    checks.row_or_token_shape("modulate_advantages", "advantages", advantages, shape)
     m = _f32(mask)
     a = _broadcast_advantages(advantages, m)
     h = _f32(entropy)
