@@ -7,7 +7,14 @@
 Every field of the config can be overridden with --config.<section>.<field>=value; the config is
 validated (unknown fields, types, impossible budgets) before anything heavy starts. Running the
 same command again with the same --workdir resumes from the latest checkpoint. The work dir
-holds metrics.jsonl, tensorboard/, checkpoints/, summary.json and prompt_stats.csv.
+holds metrics.jsonl, tensorboard/, checkpoints/, summary.json and prompt_stats.csv
+(`tensorboard --logdir <workdir>/tensorboard`).
+
+Devices: every device JAX sees joins one mesh, --config.mesh.data / .fsdp / .tensor (-1 takes
+the devices left over; data x fsdp must divide prompts_per_step x rollouts_per_prompt). Try a
+mesh on CPU with XLA_FLAGS=--xla_force_host_platform_device_count=8. Multi-host:
+--config.distributed.* (or a launcher JAX detects). Errors that name a field or file print
+without a traceback; DYNAMO_JAX_TRACEBACK=1 shows it.
 """
 
 from __future__ import annotations
