@@ -174,6 +174,35 @@ def state_shardings(tree: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
     return jax.tree.map(to_sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def replicated_dimensions(tree: Any, mesh: Mesh, rules: Rules | None = None) -> list[str]:
+    """The parameter dimensions that `state_shardings` leaves whole although the rules split
+    them, because their mesh axis does not divide them: ``"path: dim 0 (18) not over tensor
+    (8)"``, one line per dimension. Each such array is held whole on every device of that axis,
+    which costs memory a user may not expect (e.g. 2 KV heads on a tensor axis of 4)."""
+    rules = DEFAULT_RULES if rules is None else rules
+    state = nnx.state(tree) if isinstance(tree, nnx.Module) else tree
+    found: list[str] = []
+    leaves = jax.tree_util.tree_flatten_with_path(
+        state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )[0]
+    for path, v in leaves:
+        names = variable_logical_axes(v) if isinstance(v, nnx.Variable) else None
+        if names is None:
+            continue
+        shape = v.get_value().shape
+        wanted = logical_to_spec(names, rules)
+        got = logical_to_spec(names, rules, shape, mesh)
+        for dim, (w, g) in enumerate(zip(wanted, got, strict=True)):
+            w_axes = () if w is None else (w,) if isinstance(w, str) else tuple(w)
+            g_axes = () if g is None else (g,) if isinstance(g, str) else tuple(g)
+            dropped = [a for a in w_axes if a not in g_axes and mesh.shape[a] > 1]
+            if dropped:
+                where = "/".join(str(getattr(k, "key", k)) for k in path)
+                sizes = " x ".join(f"{a} ({mesh.shape[a]})" for a in dropped)
+                found.append(f"{where}: dim {dim} ({shape[dim]}) not over {sizes}")
+    return found
+
+
 def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules | None = None) -> nnx.Module:
     """Moves a model's state onto ``mesh`` following its logical axes (in place, returned)."""
     state = nnx.state(model)

@@ -805,6 +805,13 @@ def _train(
         cleanup.callback(task.close)
     check_task_fits(config, task, log)
     model, sft_summary = build_model(config, task, workdir, mesh, log)
+    whole = shd.replicated_dimensions(model, mesh)
+    if whole:
+        log(
+            "note: these parameter dimensions do not divide their mesh axis, so every device "
+            "of that axis holds them whole (more memory than the mesh suggests):\n  "
+            + "\n  ".join(whole)
+        )
     eval_sampler = make_sampler(config, model, task, num_rows=None)
     parts = build_rl_parts(config, model, task, mesh)
     del model

@@ -107,6 +107,18 @@ def test_state_shardings_and_shard_model(tiny_config):
     np.testing.assert_allclose(after, before, atol=1e-5, rtol=0)
 
 
+def test_replicated_dimensions_are_listed(tiny_config):
+    """What state_shardings silently leaves whole: on a tensor axis of 4, the 2 KV heads of
+    wk, wv (and their biases) and nothing else; on (2, 2, 2) nothing."""
+    model = init_model(tiny_config, 0)
+    assert shd.replicated_dimensions(model, shd.make_mesh(2, 2, 2)) == []
+    found = shd.replicated_dimensions(model, shd.make_mesh(1, 2, 4))
+    assert found and all("not over tensor (4)" in line and "(2)" in line for line in found)
+    assert {line.split(":")[0].split("/")[-1] for line in found} == {"wk", "wv", "bk", "bv"}
+    # fsdp 8 splits every 32-wide dimension.
+    assert shd.replicated_dimensions(model, shd.make_mesh(1, 8, 1)) == []
+
+
 def test_init_model_on_mesh(tiny_config):
     mesh = shd.make_mesh(2, 2, 2)
     model = init_model(tiny_config, 0, mesh=mesh)

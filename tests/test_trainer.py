@@ -493,3 +493,25 @@ def test_compilations_metric_leaves_out_checkpoint_saving(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     counts = [r["compilations"] for r in rows if "compilations" in r]
     assert len(counts) == 3 and counts[0] > 0 and len(set(counts)) == 1, counts
+
+
+def test_a_run_names_the_parameter_dimensions_its_mesh_leaves_whole(tmp_path):
+    """Dimensions a mesh axis does not divide are held whole on every device of that axis
+    (sharding.py); the run says which, once, instead of leaving the memory to surprise."""
+    import importlib.util
+
+    from dynamo_jax import trainer
+
+    spec = importlib.util.spec_from_file_location("arith_tiny", ROOT / "configs" / "arith_tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.model.architecture.num_hidden_layers = 1
+    c.sft.steps, c.eval.num_prompts, c.data.num_train, c.data.num_heldout = 0, 4, 64, 16
+    c.train.num_minibatches, c.train.micro_batch_rows, c.train.num_steps = 1, 32, 1
+    c.mesh.data, c.mesh.tensor = 1, 8
+    logged = []
+    trainer.train(c, str(tmp_path), progress=False, log=logged.append)
+    notes = [m for m in logged if m.startswith("note: these parameter dimensions")]
+    assert len(notes) == 1 and "not over tensor (8)" in notes[0], logged
+    assert "  embed: dim 0 (18) not over tensor (8)" in notes[0].splitlines()
