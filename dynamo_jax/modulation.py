@@ -318,7 +318,6 @@ def modulate_advantages(
     a = _broadcast_advantages(advantages, m)
     h = _f32(entropy)
     valid = m > 0
-    n_valid = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
     xi = jnp.abs(
         entropy_change(a, logp, old_logp, h, m, eps_low, eps_high, expectation, expected_pi_lambda)
     )
@@ -344,6 +343,7 @@ def modulate_advantages(
         "xi_sum": jnp.sum(xi),
         "valid_tokens": jnp.sum(valid).astype(jnp.float32),
     }
+    n_valid = jnp.maximum(sums["valid_tokens"], 1.0)
     aux = {
         **sums,
         "beta_comp_pos_mean": sums["beta_comp_pos_sum"] / jnp.maximum(sums["pos_tokens"], 1.0),

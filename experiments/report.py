@@ -50,14 +50,14 @@ def policy_at_checkpoint(
 
     from experiments import eval as eval_script
 
+    directory = os.path.join(run_dir, "checkpoints")
     steps = eval_script.checkpoint_steps(run_dir)
     step = steps[-1] if step == -1 and steps else step
     if step not in steps:
         raise SystemExit(
             f"--policy_run {run_dir} --policy_step {step}: no such checkpoint under "
-            f"{os.path.join(run_dir, 'checkpoints')} (saved steps: {steps or 'none'})"
+            f"{directory} (saved steps: {steps or 'none'})"
         )
-    directory = os.path.join(run_dir, "checkpoints")
     params = eval_script.restore_params(directory, step, policy.params, policy.mesh, config)
     return dataclasses.replace(policy, params=params), step
 

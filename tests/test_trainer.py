@@ -267,13 +267,36 @@ def test_out_of_memory_is_explained_with_the_fields_to_change():
             raise ValueError("unrelated")
 
 
+def _in_process_config(**changes):
+    """configs/arith_tiny.py cut down for a run inside the test process (one layer, no warm
+    start, 64 prompts), then `changes` (dotted keys, as in TINY_ARITH)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("arith_tiny", ROOT / "configs" / "arith_tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    small = {
+        "model.architecture.num_hidden_layers": 1,
+        "sft.steps": 0,
+        "eval.num_prompts": 4,
+        "data.num_train": 64,
+        "data.num_heldout": 16,
+    }
+    for key, value in {**small, **changes}.items():
+        *path, leaf = key.split(".")
+        node = c
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    return c
+
+
 def test_train_loop_explains_an_out_of_memory_step(monkeypatch, tmp_path):
     """trainer.train wraps each RL step and each held-out evaluation in the guard (each is
     replaced by a real OOM in turn). However the run fails, it closes what it opened: the
     checkpoint manager and the task (a math task's verifier processes); the evaluation before
     RL used to fail with both left open."""
-    import importlib.util
-
     from dynamo_jax import checkpoint, trainer
 
     opened, closed = [], []
@@ -297,12 +320,7 @@ def test_train_loop_explains_an_out_of_memory_step(monkeypatch, tmp_path):
     monkeypatch.setattr(trainer.ckpt_lib, "RunCheckpointer", Tracked)
     monkeypatch.setattr(trainer, "build_task", tracked_task)
 
-    spec = importlib.util.spec_from_file_location("arith_tiny", ROOT / "configs" / "arith_tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
-    c.sft.steps, c.eval.num_prompts, c.data.num_train, c.data.num_heldout = 0, 4, 64, 16
-    c.model.architecture.num_hidden_layers = 1
+    c = _in_process_config()
     monkeypatch.setattr(trainer, "_rl_step", lambda *a, **k: _out_of_memory())
     with pytest.raises(MemoryError, match="^RL step 0 ran out of device memory"):
         trainer.train(c, str(tmp_path), progress=False, log=lambda msg: None)
@@ -315,26 +333,11 @@ def test_train_loop_explains_an_out_of_memory_step(monkeypatch, tmp_path):
 def test_resume_lists_the_settings_that_changed(tmp_path):
     """Resuming a work dir with other settings goes on with the new ones and lists exactly the
     fields that changed, from the config saved in the checkpoint."""
-    import importlib.util
-
     from dynamo_jax import trainer
 
-    spec = importlib.util.spec_from_file_location("arith_tiny", ROOT / "configs" / "arith_tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-
     def config(**changes):
-        c = module.get_config()
-        for key, value in {**TINY_ARITH, **changes}.items():
-            *path, leaf = key.split(".")
-            node = c
-            for p in path:
-                node = node[p]
-            node[leaf] = value
-        c.model.architecture.num_hidden_layers = 1
-        c.sft.steps, c.eval.num_prompts, c.data.num_train, c.data.num_heldout = 0, 4, 64, 16
-        c.train.num_minibatches, c.train.micro_batch_rows, c.checkpoint_every = 1, 32, 1
-        return c
+        one_update = {"train.num_minibatches": 1, "train.micro_batch_rows": 32}
+        return _in_process_config(**TINY_ARITH, **one_update, checkpoint_every=1, **changes)
 
     def run(c):
         logged = []
@@ -474,21 +477,16 @@ def test_compilations_metric_leaves_out_checkpoint_saving(tmp_path):
     """On several devices Orbax compiles slicing programs the first time it saves the state;
     the `compilations` metric counted them, so a run that never recompiled its step looked as
     if it had after its first checkpoint (35 -> 115 on 8 devices)."""
-    import importlib.util
-
     import jax
 
     from dynamo_jax import trainer
 
     assert jax.device_count() == 8  # tests/conftest.py
-    spec = importlib.util.spec_from_file_location("arith_tiny", ROOT / "configs" / "arith_tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
-    c.model.architecture.num_hidden_layers = 1
-    c.sft.steps, c.eval.num_prompts, c.data.num_train, c.data.num_heldout = 0, 4, 64, 16
-    c.train.num_minibatches, c.train.micro_batch_rows, c.checkpoint_every = 1, 32, 1
-    c.train.num_steps, c.log_every = 3, 1
+    c = _in_process_config(
+        **{"train.num_minibatches": 1, "train.micro_batch_rows": 32, "train.num_steps": 3},
+        checkpoint_every=1,
+        log_every=1,
+    )
     trainer.train(c, str(tmp_path), progress=False, log=lambda msg: None)
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     counts = [r["compilations"] for r in rows if "compilations" in r]
@@ -498,18 +496,12 @@ def test_compilations_metric_leaves_out_checkpoint_saving(tmp_path):
 def test_a_run_names_the_parameter_dimensions_its_mesh_leaves_whole(tmp_path):
     """Dimensions a mesh axis does not divide are held whole on every device of that axis
     (sharding.py); the run says which, once, instead of leaving the memory to surprise."""
-    import importlib.util
-
     from dynamo_jax import trainer
 
-    spec = importlib.util.spec_from_file_location("arith_tiny", ROOT / "configs" / "arith_tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
-    c.model.architecture.num_hidden_layers = 1
-    c.sft.steps, c.eval.num_prompts, c.data.num_train, c.data.num_heldout = 0, 4, 64, 16
-    c.train.num_minibatches, c.train.micro_batch_rows, c.train.num_steps = 1, 32, 1
-    c.mesh.data, c.mesh.tensor = 1, 8
+    c = _in_process_config(
+        **{"train.num_minibatches": 1, "train.micro_batch_rows": 32, "train.num_steps": 1},
+        **{"mesh.data": 1, "mesh.tensor": 8},
+    )
     logged = []
     trainer.train(c, str(tmp_path), progress=False, log=logged.append)
     notes = [m for m in logged if m.startswith("note: these parameter dimensions")]
