@@ -8,7 +8,6 @@ one drives a scripted sampler through the real MathVerifier (in-process) for exa
 
 from __future__ import annotations
 
-import gc
 import json
 import types
 import zlib
@@ -549,11 +548,6 @@ def test_eval_script_rejects_bad_options(tokenizer_dir, data_dir, tmp_path):
 
 # The last case lets Orbax fail a read: its I/O threads then report a closed event loop.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-# The last case makes Orbax fail a restore on its own: it leaves some of its read coroutines
-# unawaited, and their finalisers ("Event loop is closed") run whenever the garbage collector
-# gets to them. In about 1 run of 10 that was during the next test's setup, which failed with
-# PytestUnraisableExceptionWarning. The test collects them itself and ignores just that warning.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_eval_script_refuses_a_checkpoint_of_another_model(
     tokenizer_dir, data_dir, tmp_path, monkeypatch
 ):
@@ -603,8 +597,6 @@ def test_eval_script_refuses_a_checkpoint_of_another_model(
         eval_script.run(config, str(tmp_path), **kwargs)
     assert "is not compatible with the stored shape" in str(err.value)
     assert "model.architecture.hidden_size: 32 -> 48" in str(err.value)
-    del err
-    gc.collect()
 
 
 def test_math_run_logs_benchmark_metrics(tokenizer_dir, data_dir, tmp_path):
