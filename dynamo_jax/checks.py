@@ -39,3 +39,21 @@ def concrete(*xs: Any) -> bool:
     return not any(
         isinstance(x, jax.core.Tracer) or not getattr(x, "is_fully_addressable", True) for x in xs
     )
+
+
+def zero_one(fn: str, name: str, x: Any) -> None:
+    """A mask must hold only 0 and 1 (any dtype). Checked for concrete inputs only: inside jit
+    the functions read a mask as valid where > 0, never as a weight, so a 2 or a 0.5 would count
+    as 1 there; here it is an error naming the first such position."""
+    if x is None or not concrete(x):
+        return
+    v = np.asarray(x)
+    if v.dtype == bool:
+        return
+    bad = np.argwhere((v != 0) & (v != 1))
+    if bad.size:
+        where = ", ".join(str(int(i)) for i in bad[0])
+        raise ValueError(
+            f"{fn}: {name}[{where}] = {v[tuple(bad[0])]} ({len(bad)} such values); a mask holds "
+            "0 (padding) or 1 (valid), it is not a weight: scale the advantages to weight tokens"
+        )

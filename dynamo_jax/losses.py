@@ -433,7 +433,8 @@ def _policy_loss(
     Args:
       logp: [rows, T] current log-probs of the sampled tokens (the gradient flows through it).
       old_logp: [rows, T] behaviour-policy log-probs. advantages: [rows] or [rows, T] (final,
-        e.g. modulated) advantages, no gradient. mask: [rows, T] response mask.
+        e.g. modulated) advantages, no gradient. mask: [rows, T] response mask, 0 or 1 (any
+        dtype; a value other than 0 and 1 is an error, or read as valid where > 0 inside jit).
       max_response_length: the constant divisor of `seq_mean_token_sum_norm` (default T).
       ref_logp, entropy: optional [rows, T] for the KL penalty / entropy bonus.
       grad_mask: optional [rows, T] 0/1 (SPEC 6 baselines Fork Tokens, Clip-Cov): the clipped
@@ -470,8 +471,8 @@ def _policy_loss(
             f"policy_loss: max_response_length = {max_response_length} must be >= 1 (the "
             "divisor of seq_mean_token_sum_norm; None: the batch's T)"
         )
-    m = jnp.asarray(mask, jnp.float32)
-    valid = m > 0
+    valid = jnp.asarray(mask) > 0  # a 0/1 mask, not a weight (checks.zero_one)
+    m = valid.astype(jnp.float32)
 
     def padded_zero(x):
         # Padding positions are set to 0 before any arithmetic, not multiplied by the mask
@@ -489,12 +490,11 @@ def _policy_loss(
         logp, old_logp, advantages, eps_low, eps_high, dual_clip, clip
     )
     if grad_mask is not None:
-        token_loss = token_loss * jax.lax.stop_gradient(jnp.asarray(grad_mask, jnp.float32))
+        token_loss = jnp.where(jnp.asarray(grad_mask) > 0, token_loss, 0.0)
     if abs_kl_mask is not None:
         abs_kl = jnp.abs(jnp.asarray(logp, jnp.float32) - jnp.asarray(old_logp, jnp.float32))
         token_loss = (
-            token_loss
-            + abs_kl_coef * jax.lax.stop_gradient(jnp.asarray(abs_kl_mask, jnp.float32)) * abs_kl
+            token_loss + abs_kl_coef * (jnp.asarray(abs_kl_mask) > 0).astype(jnp.float32) * abs_kl
         )
     a = jnp.asarray(advantages, jnp.float32)  # [rows, T] or [rows, 1] after padded_zero
     aux: dict[str, jax.Array] = {}
@@ -545,6 +545,9 @@ _policy_loss_jit = jax.jit(
 @functools.wraps(_policy_loss)
 def policy_loss(*args, **kwargs) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     _check_loss_terms("policy_loss", kwargs)  # Python values only: jit would trace them
+    named = dict(zip(("logp", "old_logp", "advantages", "mask"), args, strict=False)) | kwargs
+    for name in ("mask", "grad_mask", "abs_kl_mask"):
+        checks.zero_one("policy_loss", name, named.get(name))
     return _policy_loss_jit(*args, **kwargs)
 
 

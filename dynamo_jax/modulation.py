@@ -43,6 +43,11 @@ def _f32(x: jax.Array) -> jax.Array:
     return jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
 
 
+def _mask(mask: jax.Array) -> jax.Array:
+    """A response mask as float32 0/1: valid where > 0, never a weight (see checks.zero_one)."""
+    return (jnp.asarray(mask) > 0).astype(jnp.float32)
+
+
 def _broadcast_advantages(advantages: jax.Array, like: jax.Array) -> jax.Array:
     """Row advantages [rows] -> [rows, 1]: broadcasting, not a materialised [rows, T] copy."""
     a = _f32(advantages)
@@ -67,6 +72,7 @@ def _check_shapes(fn: str, advantages: jax.Array, mask: jax.Array, **arrays: jax
     """Every array shaped like `mask` ([rows, T]); advantages per row or per token."""
     shape = checks.same_shape(fn, "mask", dict(mask=mask, **arrays))
     checks.row_or_token_shape(fn, "advantages", advantages, shape)
+    checks.zero_one(fn, "mask", mask)
 
 
 def _masked_max(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -98,7 +104,7 @@ def beta_comp(
     _check_shapes("beta_comp", advantages, mask, entropy=entropy)
     h = _f32(entropy)
     a = _broadcast_advantages(advantages, h)
-    m = _f32(mask)
+    m = _mask(mask)
     h_max = _masked_max(h, m) if h_max is None else _f32(h_max)
     h_min = _masked_min(h, m) if h_min is None else _f32(h_min)
     # An empty scope leaves h_max = -inf, h_min = +inf: no boost (a given scope that holds none
@@ -159,7 +165,7 @@ def entropy_change(
         entropy=entropy,
         expected_pi_lambda=expected_pi_lambda,
     )
-    lp, h, m = _f32(logp), _f32(entropy), _f32(mask)
+    lp, h, m = _f32(logp), _f32(entropy), _mask(mask)
     a = _broadcast_advantages(advantages, lp)
     r = jax.lax.stop_gradient(importance_ratio(lp, old_logp))
     in_clip = jnp.where(a > 0, r <= 1.0 + eps_high, (a < 0) & (r >= 1.0 - eps_low))
@@ -201,7 +207,8 @@ def beta_stab(
       [rows, T] float32, 1 on padding.
     """
     checks.same_shape("beta_stab", "mask", dict(mask=mask, xi_abs=xi_abs))
-    xi, m = _f32(xi_abs), _f32(mask)
+    checks.zero_one("beta_stab", "mask", mask)
+    xi, m = _f32(xi_abs), _mask(mask)
     xi = jnp.where(m > 0, xi, 0.0)
     xi_max = jnp.max(xi, initial=0.0) if xi_max is None else _f32(xi_max)
     x = xi / (xi_max + 1e-8)
@@ -232,7 +239,7 @@ def scope_statistics(
     Returns:
       ScopeStats of float32 scalars.
     """
-    m = _f32(mask)
+    m = _mask(mask)
     h = _f32(entropy)
     xi = jnp.abs(
         entropy_change(
@@ -263,8 +270,7 @@ def combine_scope_statistics(a: ScopeStats, b: ScopeStats) -> ScopeStats:
     )
 
 
-@functools.partial(jax.jit, static_argnames=("comp", "stab", "expectation"))
-def modulate_advantages(
+def _modulate_advantages(
     advantages: jax.Array,
     entropy: jax.Array,
     logp: jax.Array,
@@ -289,7 +295,8 @@ def modulate_advantages(
       advantages: [rows] or [rows, T] advantages A (row advantages are broadcast to tokens).
       entropy: [rows, T] full-vocabulary entropy of the current policy at the sampling temperature.
       logp, old_logp: [rows, T] log-probs of the sampled tokens, current and behaviour policy.
-      mask: [rows, T] response mask (0 on prompt padding / after EOS / padding rows).
+      mask: [rows, T] response mask, 0 or 1 (0 on prompt padding / after EOS / padding rows);
+        not a weight: another value is an error (read as valid where > 0 inside jit).
       comp, stab: switch each factor (both off = plain GRPO advantages).
       alpha: compensation strength; lambda_min, gamma, tau: stabilisation sigmoid.
       eps_low, eps_high: the clip range used by I_clip (the same as the loss's).
@@ -314,7 +321,7 @@ def modulate_advantages(
         old_logp=old_logp,
         expected_pi_lambda=expected_pi_lambda,
     )
-    m = _f32(mask)
+    m = _mask(mask)
     a = _broadcast_advantages(advantages, m)
     h = _f32(entropy)
     valid = m > 0
@@ -355,3 +362,19 @@ def modulate_advantages(
         "h_min": jnp.where(jnp.isfinite(scope.h_min), scope.h_min, 0.0),
     }
     return jax.lax.stop_gradient(final), aux
+
+
+_modulate_advantages_jit = jax.jit(
+    _modulate_advantages, static_argnames=("comp", "stab", "expectation")
+)
+
+
+@functools.wraps(_modulate_advantages)
+def modulate_advantages(*args, **kwargs) -> tuple[jax.Array, dict[str, jax.Array]]:
+    # The mask's values are checked here, where they can be read; inside jit they are tracers.
+    mask = kwargs["mask"] if "mask" in kwargs else args[4] if len(args) > 4 else None
+    checks.zero_one("modulate_advantages", "mask", mask)
+    return _modulate_advantages_jit(*args, **kwargs)
+
+
+modulate_advantages.__name__ = modulate_advantages.__qualname__ = "modulate_advantages"

@@ -554,3 +554,32 @@ def test_a_loss_term_without_its_array_is_named_not_dropped():
     # Inside the caller's jit the coefficients are traced and pass unchecked.
     traced = jax.jit(lambda c: losses.policy_loss(*args, kl_coef=c)[0])(0.0)
     np.testing.assert_allclose(traced, losses.policy_loss(*args)[0], rtol=1e-6)
+
+
+def test_a_mask_is_zero_or_one_not_a_weight():
+    """A mask value other than 0 and 1 used to weight its token in the loss and the token count
+    while the clip counts read it as 1. Concrete input: an error naming the position. Inside a
+    caller's jit (values unreadable): read as valid where > 0, the same as 1."""
+    lp, old, _, ent, adv, mask = _padded_batch()
+    args = (F32(lp), F32(old), F32(adv))
+    for bad in (2.0, 0.5, -1.0):
+        weird = mask.copy()
+        weird[1, 3] = bad
+        with pytest.raises(ValueError, match=rf"policy_loss: mask\[1, 3\] = {bad} \(1 such"):
+            losses.policy_loss(*args, F32(weird))
+        marks = (mask > 0).astype(np.int32)
+        marks[0, 2] = 3
+        for kw in (dict(grad_mask=marks), dict(abs_kl_mask=marks, abs_kl_coef=0.1)):
+            name = next(iter(kw))
+            with pytest.raises(ValueError, match=rf"policy_loss: {name}\[0, 2\] = 3 "):
+                losses.policy_loss(*args, F32(mask), **kw)
+    for dtype in (bool, np.int8, np.float32):
+        np.testing.assert_array_equal(
+            losses.policy_loss(*args, mask.astype(dtype))[0], losses.policy_loss(*args, mask)[0]
+        )
+    twos = np.where(mask > 0, 2.0, 0.0)
+    for agg in AGGS:
+        want = losses.policy_loss(*args, F32(mask), loss_agg=agg)
+        got = jax.jit(lambda m, agg=agg: losses.policy_loss(*args, m, loss_agg=agg))(F32(twos))
+        for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6)

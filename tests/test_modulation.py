@@ -253,10 +253,10 @@ def test_changing_hyperparameters_does_not_recompile():
     _, a, logp, old, h, mask, _ = make_inputs(6)
     x = [jnp.asarray(v, jnp.float32) for v in (a, h, logp, old, mask)]
     mod.modulate_advantages(*x, alpha=0.2, tau=0.99)
-    before = mod.modulate_advantages._cache_size()
+    before = mod._modulate_advantages_jit._cache_size()
     for alpha, tau in [(0.4, 0.9), (0.1, 0.5)]:
         mod.modulate_advantages(*x, alpha=alpha, tau=tau)
-    assert mod.modulate_advantages._cache_size() == before
+    assert mod._modulate_advantages_jit._cache_size() == before
 
 
 def test_no_gradient_flows_through_modulation():
@@ -348,3 +348,36 @@ def test_building_blocks_name_mismatched_shapes():
     # Row advantages as [rows] or [rows, 1] alike.
     for adv in (jnp.ones(2), jnp.ones((2, 1))):
         np.testing.assert_array_equal(mod.beta_comp(adv, z, one), 1.0)
+
+
+def test_a_mask_is_zero_or_one_not_a_weight():
+    """A mask of 2 weighted the row mean of pi * Lambda (the `sequence` expectation). Concrete
+    input: an error naming the position, from every public function taking a mask. Inside a
+    caller's jit: valid where > 0, the same result as 1."""
+    rng = np.random.default_rng(3)
+    lp = jnp.asarray(rng.normal(-1.0, 0.5, (3, 5)), jnp.float32)
+    old = lp + 0.05
+    ent = jnp.asarray(rng.uniform(0.2, 2.0, (3, 5)), jnp.float32)
+    a = jnp.asarray([1.0, -0.5, 0.7])
+    mask = np.ones((3, 5), np.float32)
+    mask[2, 3:] = 0
+    weird = mask.copy()
+    weird[2, 1] = 2.0
+    calls = {
+        "modulate_advantages": lambda m: mod.modulate_advantages(a, ent, lp, old, m),
+        "beta_comp": lambda m: mod.beta_comp(a, ent, m),
+        "entropy_change": lambda m: mod.entropy_change(a, lp, old, ent, m),
+        "beta_stab": lambda m: mod.beta_stab(ent, m),
+        "scope_statistics": lambda m: mod.scope_statistics(a, lp, old, ent, m),
+    }
+    for name, call in calls.items():
+        fn = "entropy_change" if name == "scope_statistics" else name
+        with pytest.raises(ValueError, match=rf"{fn}: mask\[2, 1\] = 2.0 \(1 such values\)"):
+            call(weird)
+    twos = jnp.asarray(mask * 2)
+    want = mod.modulate_advantages(a, ent, lp, old, mask)
+    got = jax.jit(lambda m: mod.modulate_advantages(a, ent, lp, old, m))(twos)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6)
+    keyword = mod.modulate_advantages(a, ent, lp, old, mask=jnp.asarray(mask, jnp.int32))
+    np.testing.assert_array_equal(keyword[0], want[0])
