@@ -268,7 +268,7 @@ def train_command(
         config_path,
         "--workdir",
         workdir,
-        "--no_progress",
+        "--noprogress",
         *variant_flags(overrides),
     ]
 

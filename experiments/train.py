@@ -37,7 +37,9 @@ _WORKDIR = flags.DEFINE_string(
     "Directory for checkpoints, metrics and the cached warm start; a run "
     "started again with the same workdir resumes.",
 )
-_NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the console progress bar.")
+_PROGRESS = flags.DEFINE_bool(
+    "progress", True, "Show the console progress bar; --noprogress turns it off (logs, sweeps)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -58,7 +60,7 @@ def main(argv: list[str]) -> None:
     except config_lib.ConfigError as err:
         sys.exit(str(err))
     try:
-        summary = trainer.train(config, _WORKDIR.value, progress=not _NO_PROGRESS.value)
+        summary = trainer.train(config, _WORKDIR.value, progress=_PROGRESS.value)
     except trainer.USER_ERRORS as err:
         # Bad data, a model or tokenizer that cannot be read, a setting that cannot run: the
         # message names the file, row or field; the traceback would only bury it.

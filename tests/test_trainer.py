@@ -47,7 +47,7 @@ def command(workdir, *extra):
         "configs/arith_tiny.py",
         "--workdir",
         str(workdir),
-        "--no_progress",
+        "--noprogress",
         *TINY,
         *extra,
     ]
