@@ -372,8 +372,14 @@ class Transformer(nnx.Module):
         c = self.config
         dtype = self.dtype
         b, t = tokens.shape
+        # The table's width ("embed") gathered at use, as FSDP does for every weight; its rows
+        # stay split by "vocab" (each shard looks up its own rows, then a sum over that axis).
+        # Left split over fsdp, the lookup's output had its width split over fsdp, which XLA
+        # turns into the batch-split activations only by replicating them whole ("Involuntary
+        # full rematerialization" on a data x fsdp x tensor mesh, forward and backward).
+        table = self._constrain(self.embed.get_value(), ("vocab", None))
         # mode="clip": an out-of-range pad id (e.g. -1) must not turn into NaN ("fill").
-        h = jnp.take(self.embed.get_value(), tokens, axis=0, mode="clip").astype(dtype)
+        h = jnp.take(table, tokens, axis=0, mode="clip").astype(dtype)
         h = self._constrain(h, _ACT_AXES)
 
         inv_freq = jnp.asarray(c.inv_freq())
