@@ -12,7 +12,11 @@ the config). A run started again with the same work dir restores the latest chec
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -41,6 +45,55 @@ def from_jsonable(tree: Any) -> Any:
     if isinstance(tree, list):
         return [from_jsonable(v) for v in tree]
     return tree
+
+
+class _DrainingEventLoop(asyncio.SelectorEventLoop):
+    """An event loop that, when closed, first cancels and awaits the tasks still pending on it
+    and waits for its executor's threads (what `asyncio.run` does before closing its loop)."""
+
+    def close(self) -> None:
+        if not self.is_closed() and not self.is_running():
+            pending = [t for t in asyncio.all_tasks(self) if not t.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self.run_until_complete(self.shutdown_default_executor())
+        super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return _DrainingEventLoop()
+
+
+_policy_lock = threading.Lock()
+_policy_depth = 0
+_policy_saved: asyncio.AbstractEventLoopPolicy | None = None
+
+
+@contextlib.contextmanager
+def orbax_loops_drained() -> Iterator[None]:
+    """Orbax reads in parallel tasks on an event loop of its own, and when one read fails (an
+    array of another shape) it closes that loop with the other reads still pending: their
+    TensorStore callbacks then hit the closed loop ("Event loop is closed") and their coroutines
+    are dropped unawaited, both reported later, in unrelated code. Within this context the loops
+    Orbax makes cancel and await their pending tasks before they close, so a failed restore
+    leaves nothing behind (a successful one has no pending task: nothing changes for it)."""
+    global _policy_depth, _policy_saved
+    with _policy_lock:
+        if _policy_depth == 0:
+            _policy_saved = asyncio.get_event_loop_policy()
+            asyncio.set_event_loop_policy(_DrainingPolicy())
+        _policy_depth += 1
+    try:
+        yield
+    finally:
+        with _policy_lock:
+            _policy_depth -= 1
+            if _policy_depth == 0:
+                asyncio.set_event_loop_policy(_policy_saved)
+                _policy_saved = None
 
 
 class StateMismatchError(ValueError):
@@ -107,12 +160,13 @@ class RunCheckpointer:
                 f"train state {len(wanted)}; saved only: {only_saved}; expected only: "
                 f"{only_wanted}"
             )
-        out = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), host=ocp.args.JsonRestore()
-            ),
-        )
+        with orbax_loops_drained():
+            out = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target), host=ocp.args.JsonRestore()
+                ),
+            )
         return out["state"], from_jsonable(out["host"])
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
@@ -138,7 +192,7 @@ def state_metadata(directory: str | os.PathLike, step: int) -> Any | None:
     absl_logger.setLevel(logging.ERROR)  # "Metadata file does not exist" is harmless here
     try:
         # Closed at once, so that its threads and event loop do not outlive the call.
-        with ocp.StandardCheckpointer() as checkpointer:
+        with orbax_loops_drained(), ocp.StandardCheckpointer() as checkpointer:
             meta = checkpointer.metadata(path)
     except Exception:
         return None

@@ -188,14 +188,15 @@ def restore_params(
         if differences:
             raise mismatch(differences)
         try:
-            out = manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.PyTreeRestore(
-                        item=item, restore_args=restore_args, partial_restore=True
-                    )
-                ),
-            )
+            with ckpt_lib.orbax_loops_drained():
+                out = manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.PyTreeRestore(
+                            item=item, restore_args=restore_args, partial_restore=True
+                        )
+                    ),
+                )
         except ValueError as err:
             if _SHAPE_MISMATCH not in str(err):
                 raise
