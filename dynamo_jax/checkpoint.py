@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -62,9 +63,15 @@ class _DrainingEventLoop(asyncio.SelectorEventLoop):
         super().close()
 
 
-class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
-    def new_event_loop(self) -> asyncio.AbstractEventLoop:
-        return _DrainingEventLoop()
+# Event-loop policies are deprecated from Python 3.14 (removed in 3.16): there the context
+# below does nothing, and a failed Orbax restore may again warn later.
+DRAINS_ORBAX_LOOPS = sys.version_info < (3, 14)
+
+if DRAINS_ORBAX_LOOPS:
+
+    class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+        def new_event_loop(self) -> asyncio.AbstractEventLoop:
+            return _DrainingEventLoop()
 
 
 _policy_lock = threading.Lock()
@@ -81,6 +88,9 @@ def orbax_loops_drained() -> Iterator[None]:
     Orbax makes cancel and await their pending tasks before they close, so a failed restore
     leaves nothing behind (a successful one has no pending task: nothing changes for it)."""
     global _policy_depth, _policy_saved
+    if not DRAINS_ORBAX_LOOPS:
+        yield
+        return
     with _policy_lock:
         if _policy_depth == 0:
             _policy_saved = asyncio.get_event_loop_policy()

@@ -1,7 +1,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from dynamo_jax import checkpoint
 from dynamo_jax import sharding as shd
 from dynamo_jax.allocation import PromptStats
 from dynamo_jax.checkpoint import RunCheckpointer, from_jsonable, to_jsonable
@@ -75,6 +77,7 @@ def test_restoring_into_a_state_of_other_shapes_names_the_arrays(tmp_path):
     np.testing.assert_array_equal(restored["w"], 0.0)
 
 
+@pytest.mark.skipif(not checkpoint.DRAINS_ORBAX_LOOPS, reason="Python >= 3.14")
 def test_a_failed_orbax_read_leaves_no_asyncio_work_behind(tmp_path, monkeypatch):
     """Orbax closes its event loop as soon as one array read fails, with the other reads still
     pending; unhandled, they later report "Event loop is closed" from TensorStore's threads and
@@ -106,6 +109,7 @@ def test_a_failed_orbax_read_leaves_no_asyncio_work_behind(tmp_path, monkeypatch
     assert [str(w.message) for w in warned if "never awaited" in str(w.message)] == []
 
 
+@pytest.mark.skipif(not checkpoint.DRAINS_ORBAX_LOOPS, reason="Python >= 3.14")
 def test_a_loop_made_within_orbax_loops_drained_ends_its_tasks_before_closing():
     """What Orbax's restore does with its event loop: start every read, run until the first
     one fails, close the loop. Closed within `orbax_loops_drained`, the other reads end first
