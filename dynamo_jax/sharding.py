@@ -174,7 +174,7 @@ def state_shardings(tree: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
     return jax.tree.map(to_sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def _spec_axes(entry: Any) -> tuple[str, ...]:
+def spec_axes(entry: Any) -> tuple[str, ...]:
     """The mesh axes of one PartitionSpec entry (None, an axis name, or a tuple of them)."""
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
@@ -198,7 +198,7 @@ def replicated_dimensions(tree: Any, mesh: Mesh, rules: Rules | None = None) -> 
         wanted = logical_to_spec(names, rules)
         got = logical_to_spec(names, rules, shape, mesh)
         for dim, (w, g) in enumerate(zip(wanted, got, strict=True)):
-            dropped = [a for a in _spec_axes(w) if a not in _spec_axes(g) and mesh.shape[a] > 1]
+            dropped = [a for a in spec_axes(w) if a not in spec_axes(g) and mesh.shape[a] > 1]
             if dropped:
                 where = "/".join(str(getattr(k, "key", k)) for k in path)
                 sizes = " x ".join(f"{a} ({mesh.shape[a]})" for a in dropped)

@@ -256,14 +256,13 @@ class Transformer(nnx.Module):
         lookup avoids that too, but holds a full-width table and its gradient on each device:
         +3.7 GiB per device for the 7B config on a v5e-64."""
         rules = self._rules() or shd.DEFAULT_RULES
-        as_tuple = lambda a: () if a is None else (a,) if isinstance(a, str) else tuple(a)  # noqa: E731
-        embed = as_tuple(rules.get("embed"))
-        outer = tuple(a for a in as_tuple(rules.get("batch")) if a not in embed)
+        embed, batch = shd.spec_axes(rules.get("embed")), shd.spec_axes(rules.get("batch"))
+        outer = tuple(a for a in batch if a not in embed)
         outer_size = math.prod(self.mesh.shape[a] for a in outer) if self.mesh else 1
         # Only where there is a first step to take: on a mesh without data parallelism the
         # staged constraint is the lookup's own sharding, and XLA planned 0.13 GiB more per
         # device for the 7B config with it.
-        if embed and outer != as_tuple(rules.get("batch")) and outer_size > 1:
+        if embed and outer != batch and outer_size > 1:
             staged = {**rules, "_batch_outer": outer or None}
             names = ("_batch_outer", "length", "embed")
             h = shd.with_logical_constraint(h, names, self.mesh, staged)
